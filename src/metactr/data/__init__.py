@@ -1,0 +1,1 @@
+"""Data: readers, encoding, cold-start splits, sessions, tasks, and the shared batch format."""

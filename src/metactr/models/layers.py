@@ -1,0 +1,152 @@
+"""Building blocks shared by every model.
+
+Written as pure functions of their parameters (no buffers updated in ``forward``, no Python state
+between calls) so that ``torch.func.functional_call``, ``grad`` (double backward included) and
+``vmap`` work on every model built from them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metactr.data.batch import FeatureSpec, Field
+
+GROUPS = ("user", "item", "context")
+
+
+class FieldEmbedding(nn.Module):
+    """One embedding table for every field of every group (FuxiCTR's shared embedding layer).
+
+    ``forward(ids, group)`` maps slot ids ``[..., S]`` of a group to field vectors ``[..., F, D]``:
+    each slot is looked up at its field's offset, padding ids (0) are masked out, and the slots
+    of a multi-valued field are mean-pooled. Session items use the ``item`` group layout, so a
+    session ``[B, L, Si]`` embeds to ``[B, L, Fi, D]`` with the same vectors as the target item.
+    """
+
+    def __init__(self, spec: FeatureSpec, dim: int, *, init_std: float = 1e-4,
+                 groups: tuple[str, ...] = GROUPS) -> None:
+        super().__init__()
+        self.dim = dim
+        self.groups = tuple(g for g in groups if spec.group(g))
+        fields: list[Field] = [f for g in self.groups for f in spec.group(g)]
+        total = sum(f.vocab_size for f in fields)
+        self.weight = nn.Parameter(torch.randn(max(total, 1), dim) * init_std)
+        offset = 0
+        for g in self.groups:
+            slot_offsets, slot_field = [], []
+            for j, f in enumerate(spec.group(g)):
+                slot_offsets += [offset] * f.max_len
+                slot_field += [j] * f.max_len
+                offset += f.vocab_size
+            n_f = len(spec.group(g))
+            pool = torch.zeros(len(slot_field), n_f)
+            pool[torch.arange(len(slot_field)), torch.tensor(slot_field)] = 1.0
+            self.register_buffer(f"{g}_offsets", torch.tensor(slot_offsets, dtype=torch.long), persistent=False)
+            self.register_buffer(f"{g}_pool", pool, persistent=False)
+        self.n_fields = {g: len(spec.group(g)) for g in self.groups}
+
+    def forward(self, ids: Tensor, group: str) -> Tensor:
+        if group not in self.n_fields:
+            return ids.new_zeros((*ids.shape[:-1], 0, self.dim), dtype=self.weight.dtype)
+        offsets = getattr(self, f"{group}_offsets")
+        pool = getattr(self, f"{group}_pool")
+        mask = (ids > 0).to(self.weight.dtype)
+        emb = F.embedding(ids + offsets, self.weight) * mask.unsqueeze(-1)
+        summed = torch.einsum("...sd,sf->...fd", emb, pool)
+        count = (mask @ pool).clamp_min(1.0)
+        return summed / count.unsqueeze(-1)
+
+
+class Dice(nn.Module):
+    """Dice activation (DIN, Zhou et al. 2018): ``p*x + (1-p)*alpha*x``.
+
+    Deviation, on purpose: DIN's ``p = sigmoid(BN(x))`` uses batch statistics, which makes a
+    prediction depend on the other rows of its batch and breaks single-request serving and
+    per-task ``vmap``. Here ``p = sigmoid(gamma*x + beta)`` with learned per-unit gamma/beta,
+    which is what a BN layer whose moving statistics never trained computes (as in the RML
+    authors' code).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(dim))
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = torch.sigmoid(x * self.gamma + self.beta)
+        return p * x + (1 - p) * self.alpha * x
+
+
+def make_activation(name: str, dim: int) -> nn.Module:
+    name = name.lower()
+    if name == "dice":
+        return Dice(dim)
+    if name == "prelu":
+        return nn.PReLU(dim)
+    return {"relu": nn.ReLU(), "sigmoid": nn.Sigmoid(), "tanh": nn.Tanh(), "none": nn.Identity(),
+            "identity": nn.Identity()}[name]
+
+
+class MLP(nn.Module):
+    """Linear -> activation -> dropout, repeated; an optional final linear to ``out_dim``."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...] | list[int], *, activation: str = "relu",
+                 dropout: float = 0.0, out_dim: int | None = 1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers += [nn.Linear(d, h), make_activation(activation, h)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = h
+        if out_dim is not None:
+            layers.append(nn.Linear(d, out_dim))
+            d = out_dim
+        self.net = nn.Sequential(*layers)
+        self.out_dim = d
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Mean of ``x`` over ``dim`` where ``mask`` is true; 0 where nothing is valid."""
+    m = mask.to(x.dtype)
+    while m.dim() < x.dim():
+        m = m.unsqueeze(-1)
+    return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+class TargetAttention(nn.Module):
+    """DIN-style attention of a query (target item) over keys (session items).
+
+    Scores come from an MLP on ``[q, k, q-k, q*k]``. ``mode='softmax'`` (RML): masked softmax
+    of scores / sqrt(dim); ``mode='weights'`` (DIN paper): raw scores used as weights (padding
+    zeroed). Returns the weighted sum ``[B, D]`` and the weights ``[B, L]``. Sessions with no
+    valid item give a zero vector (never NaN).
+    """
+
+    def __init__(self, dim: int, hidden: tuple[int, ...] = (80, 40), *, activation: str = "dice",
+                 mode: str = "softmax") -> None:
+        super().__init__()
+        if mode not in ("softmax", "weights"):
+            raise ValueError(f"attention mode must be 'softmax' or 'weights', got {mode!r}")
+        self.mode = mode
+        self.scale = 1.0 / math.sqrt(dim)
+        self.mlp = MLP(4 * dim, hidden, activation=activation, out_dim=1)
+
+    def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        q = query.unsqueeze(-2).expand_as(keys)
+        scores = self.mlp(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
+        if self.mode == "softmax":
+            scores = (scores * self.scale).masked_fill(~mask, -1e9)
+            w = torch.softmax(scores, dim=-1) * mask.to(scores.dtype)  # all-pad rows -> 0
+        else:
+            w = scores * mask.to(scores.dtype)
+        return torch.einsum("...l,...ld->...d", w, keys), w
