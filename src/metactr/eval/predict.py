@@ -1,0 +1,29 @@
+"""Batched prediction with a model's own or given (adapted) parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from metactr.data.prepared import PreparedDataset, Split
+from metactr.models.base import CTRModel
+
+
+@torch.no_grad()
+def predict_proba(model: CTRModel, dataset: PreparedDataset, split: Split | str, *,
+                  params: Mapping[str, Tensor] | None = None, batch_size: int = 4096) -> np.ndarray:
+    """Click probabilities for every sample of ``split`` (in order), model in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        outs = []
+        for batch in dataset.iter_batches(split, batch_size):
+            out = model(batch) if params is None else functional_call(model, dict(params), (batch,))
+            outs.append(torch.sigmoid(out.logit).float().cpu())
+        return torch.cat(outs).numpy() if outs else np.zeros(0, dtype=np.float32)
+    finally:
+        model.train(was_training)
