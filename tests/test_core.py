@@ -92,3 +92,16 @@ def test_attention_and_rnns_ignore_padding():
 
 def test_cli_unknown_command_exits_2(capsys):
     assert main(["no-such-command"]) == 2
+
+
+def test_pad_lists_handles_empty_null_and_long_lists():
+    import polars as pl
+
+    from metactr.data.prepared import pad_lists
+
+    col = pl.Series([[1, 2], [], None, [3, 4, 5, 6]])
+    out, lens = pad_lists(col, 3)
+    assert out.tolist() == [[1, 2, 0], [0, 0, 0], [0, 0, 0], [4, 5, 6]]  # keeps the most recent
+    assert lens.tolist() == [2, 0, 0, 3]
+    first, _ = pad_lists(col, 3, keep="first")
+    assert first[3].tolist() == [3, 4, 5]

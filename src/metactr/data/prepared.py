@@ -39,11 +39,12 @@ def pad_lists(col: pl.Series, width: int, *, keep: str = "last", dtype=np.int64)
     one explode, one scatter.
     """
     n = len(col)
-    lens = col.list.len().fill_null(0).to_numpy().astype(np.int64)
-    flat = col.explode().fill_null(0).to_numpy()
-    # explode yields one null row per empty list: drop those so that offsets line up
-    flat_lens = np.maximum(lens, 1)
-    starts = np.concatenate([[0], np.cumsum(flat_lens)[:-1]])
+    if col.null_count():  # a null list counts as empty (explode would emit a null row for it)
+        col = pl.select(pl.when(col.is_null()).then(pl.lit([], dtype=col.dtype)).otherwise(col)).to_series()
+    lens = col.list.len().to_numpy().astype(np.int64)
+    # empty lists contribute no rows, so offsets are the plain cumulative lengths
+    flat = col.explode(empty_as_null=False).fill_null(0).to_numpy()
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
     out = np.zeros((n, width), dtype=dtype)
     kept = np.minimum(lens, width)
     if kept.sum() == 0:

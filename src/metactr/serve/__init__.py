@@ -1,1 +1,1 @@
-"""metactr.serve"""
+"""Serving: per-user fast adaptation behind an HTTP API."""
