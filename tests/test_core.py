@@ -105,3 +105,13 @@ def test_pad_lists_handles_empty_null_and_long_lists():
     assert lens.tolist() == [2, 0, 0, 3]
     first, _ = pad_lists(col, 3, keep="first")
     assert first[3].tolist() == [3, 4, 5]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["data", "--help"], ["models", "--help"], ["train", "--help"], ["evaluate", "--help"],
+    ["serve", "--help"], ["demo", "--help"], ["reproduce", "rml", "--help"],
+    ["reproduce", "metaselector", "--help"],
+])
+def test_every_command_builds_its_help(argv, capsys):
+    # a command whose options typer cannot build would break *every* invocation of the CLI
+    assert main(argv) == 0

@@ -1,5 +1,75 @@
-"""`metactr data ...` commands (placeholder until the data pipeline lands)."""
+"""``metactr data ...``: download, synth, prepare, stats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, help="Download, synthesize, prepare and inspect datasets.")
+
+
+@app.command()
+def download(name: str = typer.Argument(..., help="ml-1m, ml-100k or book-crossing (avazu/amazon: prints where)"),
+             dest: Path = typer.Option(Path("data/raw"), "--dest", help="folder that receives <name>/"),
+             sha256: str | None = typer.Option(None, "--sha256", help="pin the archive's SHA-256"),
+             url: str | None = typer.Option(None, "--url", help="another URL (mirror, file://) for the archive")) -> None:
+    """Download and verify (MD5/SHA-256) an official dataset archive, extract it atomically."""
+    from metactr.data.download import download_dataset
+
+    path = download_dataset(name, dest, url=url, sha256=sha256, echo=typer.echo)
+    if path is not None:
+        typer.echo(f"{name} ready at {path}")
+
+
+@app.command()
+def synth(out: Path = typer.Option(..., "--out", help="interaction Parquet file to write"),
+          users: int = typer.Option(2000, "--users"), items: int = typer.Option(1000, "--items"),
+          rows: int = typer.Option(100_000, "--rows"), seed: int = typer.Option(0, "--seed"),
+          topics: int = typer.Option(8, "--topics", help="latent dimension / number of item topics")) -> None:
+    """Generate a seeded synthetic click log (latent interests that drift; logistic clicks)."""
+    from metactr.data.synth import generate
+
+    path = generate(out, n_users=users, n_items=items, n_rows=rows, seed=seed, n_topics=topics)
+    typer.echo(f"wrote {rows:,} interactions to {path}")
+
+
+@app.command()
+def prepare(dataset: str = typer.Option(..., "--dataset", help="ml-1m, ml-100k, book-crossing, avazu, amazon, custom, synthetic"),
+            data_dir: Path = typer.Option(..., "--data-dir", help="raw files (folder, or the Parquet file for synthetic)"),
+            out: Path = typer.Option(..., "--out", help="prepared directory to write"),
+            config: Path | None = typer.Option(None, "--config", help="YAML PrepareConfig"),
+            set_: list[str] = typer.Option([], "--set", help="override a config key: key.path=value"),
+            force: bool = typer.Option(False, "--force", help="rebuild even when the cache is up to date"),
+            quiet: bool = typer.Option(False, "--quiet", help="do not print the statistics table")) -> None:
+    """Read, encode and split a dataset into a prepared directory (cached by config + input)."""
+    from metactr.config import load_config
+    from metactr.data.pipeline import PrepareConfig
+    from metactr.data.pipeline import prepare as run_prepare
+    from metactr.data.stats import print_stats
+
+    cfg = load_config(PrepareConfig, config, set_)
+    before = _meta_mtime(out)
+    path = run_prepare(dataset, data_dir, out, cfg, force=force)
+    reused = before is not None and before == _meta_mtime(out)
+    typer.echo(f"{'up to date (cached)' if reused else 'prepared'}: {path}")
+    if not quiet:
+        print_stats(path)
+
+
+def _meta_mtime(out: Path) -> int | None:
+    p = Path(out) / "meta.json"
+    return p.stat().st_mtime_ns if p.is_file() else None
+
+
+@app.command()
+def stats(directory: Path = typer.Argument(..., help="a prepared directory"),
+          as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """Users, items, samples, sparsity and positive rate of every split."""
+    from metactr.data.stats import print_stats, split_stats
+
+    if as_json:
+        typer.echo(json.dumps(split_stats(directory), indent=2))
+    else:
+        print_stats(directory)

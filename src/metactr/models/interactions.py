@@ -1,0 +1,129 @@
+"""Model inputs from the shared ``FieldEmbedding``, the FM / FFM interactions, a faster
+evaluation of DIN's target attention, and hyper-parameter checks shared by the model zoo.
+
+Flat models (LR, FM, FFM, DeepFM, Wide&Deep) see one vector per *field*: the user, context and
+target-item fields and, with ``use_history``, one "history" field per item field, the mean over
+the valid session items of that field's vector. The mean is how MetaSelector's multi-valued
+"user history movies / genres" features enter (and what DeepCTR does with a pooled sequence
+feature); history fields share the item table, as DeepCTR's ``embedding_name`` sharing does, so
+that FM's ``<v_target, v_history>`` term is an item-item similarity.
+
+``lookup`` embeds several single-valued groups with one ``F.embedding`` call (one backward pass
+over the table instead of one per group); it computes exactly what ``FieldEmbedding`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metactr.data.batch import Batch, FeatureSpec
+from metactr.errors import ConfigError
+from metactr.models.layers import FieldEmbedding
+
+
+def check_hparams(model: str, *, embed_dim: int | None = None, hidden: tuple[int, ...] | list[int] | None = None,
+                  dropout: float | None = None, attention_mode: str | None = None, **positive: int | None) -> None:
+    """Raise ``ConfigError`` (field ``model.<name>``) for a hyper-parameter out of range."""
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"model '{model}': {name} {why}", field=f"model.{name}")
+
+    if embed_dim is not None and (not isinstance(embed_dim, int) or embed_dim < 1):
+        raise bad("embed_dim", f"must be a positive integer, got {embed_dim!r}")
+    if hidden is not None and any(not isinstance(h, int) or h < 1 for h in hidden):
+        raise bad("hidden", f"must be positive integers, got {list(hidden)!r}")
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise bad("dropout", f"must be in [0, 1), got {dropout!r}")
+    if attention_mode is not None and attention_mode not in ("softmax", "weights"):
+        raise bad("attention_mode", f"must be 'softmax' or 'weights', got {attention_mode!r}")
+    for name, value in positive.items():
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise bad(name, f"must be a positive integer, got {value!r}")
+
+
+def n_flat_fields(spec: FeatureSpec, use_history: bool) -> int:
+    """Number of field vectors ``flat_fields`` returns for ``spec``."""
+    return len(spec.user) + len(spec.context) + len(spec.item) * (2 if use_history else 1)
+
+
+def history_fields(embedding: FieldEmbedding, batch: Batch) -> Tensor:
+    """Mean over valid session items of each item field's vector: ``[..., Fi, D]``.
+
+    Padded positions get weight 0 and the mean divides by the number of valid items (at least
+    1), so neither the ids at padded positions nor extra padding change the result; an empty
+    session gives zeros. (A multiply and a sum: an einsum over L makes strided copies + bmm.)
+    """
+    h = embedding(batch.hist, "item")  # [..., L, Fi, D]
+    m = batch.hist_mask.to(h.dtype)
+    w = m / m.sum(-1, keepdim=True).clamp_min(1.0)
+    return (h * w[..., None, None]).sum(dim=-3)
+
+
+def lookup(embedding: FieldEmbedding, parts: list[tuple[Tensor, str]]) -> Tensor:
+    """Field vectors of several ``(ids, group)`` parts, concatenated on the field axis.
+
+    When every field involved is single-valued, this is one ``F.embedding`` call (one backward
+    pass over the table instead of one per group).
+    """
+    parts = [(ids, g) for ids, g in parts if g in embedding.n_fields]
+    if len(parts) > 1 and all(embedding.single_valued[g] for _, g in parts):
+        ids = torch.cat([i for i, _ in parts], dim=-1)
+        offsets = torch.cat([getattr(embedding, f"{g}_offsets") for _, g in parts])
+        weight = embedding.weight
+        return F.embedding(ids + offsets, weight) * (ids > 0).unsqueeze(-1).to(weight.dtype)
+    if not parts:
+        raise ValueError("lookup needs at least one non-empty group")
+    out = [embedding(ids, g) for ids, g in parts]
+    return torch.cat(out, dim=-2) if len(out) > 1 else out[0]
+
+
+def flat_fields(embedding: FieldEmbedding, batch: Batch, use_history: bool) -> Tensor:
+    """``[..., F, D]``: user, context, target-item and (optionally) history field vectors."""
+    v = lookup(embedding, [(batch.user, "user"), (batch.context, "context"), (batch.item, "item")])
+    if use_history:
+        v = torch.cat([v, history_fields(embedding, batch)], dim=-2)
+    return v
+
+
+def sequence_inputs(embedding: FieldEmbedding, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs of the session models: ``(user+context [..., (Fu+Fc)*D], target [..., Fi*D],
+    session [..., L, Fi*D])``; an item is the concatenation of its field vectors. The target
+    and the session are embedded in one call."""
+    ctx = [(batch.user, "user"), (batch.context, "context")]
+    if any(g in embedding.n_fields for _, g in ctx):
+        other = lookup(embedding, ctx).flatten(-2)
+    else:
+        other = embedding(batch.user, "user").flatten(-2)  # [..., 0]
+    items = embedding(torch.cat([batch.item.unsqueeze(-2), batch.hist], dim=-2), "item").flatten(-2)
+    return other, items[..., 0, :], items[..., 1:, :]
+
+
+def fm_pairwise(v: Tensor) -> Tensor:
+    """FM's second-order term ``sum_{i<j} <v_i, v_j>`` for field vectors ``[..., F, D]`` -> ``[...]``.
+
+    Rendle (2010), eq. 5: ``0.5 * sum_d ((sum_i v_id)^2 - sum_i v_id^2)``, O(F*D) instead of O(F^2*D).
+    """
+    s = v.sum(dim=-2)
+    return 0.5 * (s * s - (v * v).sum(dim=-2)).sum(dim=-1)
+
+
+class FFMInteraction(nn.Module):
+    """FFM's pairwise term (Juan et al., RecSys 2016): ``sum_{i<j} <v_{i,f_j}, v_{j,f_i}>``.
+
+    Input: field-aware vectors ``[..., F, F, k]`` where ``[..., i, j, :]`` is field i's vector
+    for interacting with field j. The pairs are gathered with index tensors built once here, so
+    ``forward`` is two gathers, a product and a sum (no Python loop over pairs).
+    """
+
+    def __init__(self, n_fields: int) -> None:
+        super().__init__()
+        rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
+        self.n_fields = n_fields
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+
+    def forward(self, v: Tensor) -> Tensor:
+        left = v[..., self.rows, self.cols, :]  # v_{i, f_j}  [..., P, k]
+        right = v[..., self.cols, self.rows, :]  # v_{j, f_i}
+        return (left * right).sum(dim=(-2, -1))
