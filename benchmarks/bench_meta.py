@@ -1,0 +1,145 @@
+"""Meta-training throughput: the torch.func vmap engine against a per-task loop, same model and data.
+
+    .venv/bin/python benchmarks/bench_meta.py --data ../shared/datasets/ml-1m-rml [--threads 2]
+        [--models rml,deepfm] [--steps 1,5] [--reps 5] [--epoch] [--out bench.json]
+
+For each model: 32 user tasks x (20 support + 10 query rows) from ``cw_train``, second-order
+MAML on the model's adapted groups (RML: ``meta``, the subset its local step adapts; other
+models: every group but ``emb``). Three implementations of the same meta-gradient:
+
+* ``vmap``      ``maml_outer_loss(vectorize=True)``: all tasks' inner loops in one vmap;
+* ``loop-func`` ``maml_outer_loss(vectorize=False)``: torch.func, one task at a time;
+* ``loop-l2l``  the way learn2learn/most reference code does it: per task, ``torch.autograd.grad``
+                with ``create_graph=True`` on the module's parameters, query loss backward, summed.
+
+Reported: tasks/s (median of ``--reps`` timed meta-steps after a warm-up) and the vmap speed-up
+over each loop. ``--epoch`` also times one epoch of RML two-phase meta-training on ``cw_train``.
+The machine's load (``os.getloadavg``) is printed with the numbers: rerun on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metactr.data.prepared import PreparedDataset
+from metactr.data.tasks import UserTaskSampler
+from metactr.meta.functional import live_params, maml_outer_loss
+from metactr.meta.strategies import StrategyConfig, train
+from metactr.models.base import build_model, objective
+
+
+def adapted_names(model) -> list[str]:
+    groups = model.param_groups()
+    if "meta" in groups and groups["meta"]:
+        return groups["meta"]
+    return [n for g, ns in groups.items() if g != "emb" for n in ns]
+
+
+def l2l_loop_loss(model, tb, names, lr, steps) -> Tensor:
+    """Per-task loop with torch.autograd (create_graph): the learn2learn-style reference."""
+    T = tb.support.label.shape[0]
+    total = 0.0
+    for t in range(T):
+        params = live_params(model)
+        s, q = tb.support.select(t), tb.query.select(t)
+        for _ in range(steps):
+            loss, _ = objective(model, params, s, tb.support_weight[t])
+            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+            params = {**params, **{n: params[n] - lr * g for n, g in zip(names, grads, strict=True)}}
+        qloss, _ = objective(model, params, q, tb.query_weight[t])
+        (qloss / T).backward()  # per-task backward, as learn2learn examples do
+        total += float(qloss.detach()) / T
+    return torch.tensor(total)
+
+
+def time_impl(model, tbs, names, steps, impl: str, reps: int) -> float:
+    lr = 0.01
+    times = []
+    for i, tb in enumerate(tbs[: reps + 1]):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        if impl == "loop-l2l":
+            l2l_loop_loss(model, tb, names, lr, steps)
+        else:
+            loss = maml_outer_loss(model, live_params(model), tb.support, tb.query, names=names, lr=lr, steps=steps,
+                                   support_weight=tb.support_weight, query_weight=tb.query_weight,
+                                   vectorize=impl == "vmap")
+            loss.backward()
+        if i > 0:  # first call is warm-up
+            times.append(time.perf_counter() - t0)
+    return tb.support.label.shape[0] / statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/datasets/ml-1m-rml")
+    ap.add_argument("--split", default="cw_train")
+    ap.add_argument("--models", default="rml,deepfm")
+    ap.add_argument("--steps", default="1,5")
+    ap.add_argument("--tasks", type=int, default=32)
+    ap.add_argument("--support", type=int, default=20)
+    ap.add_argument("--query", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--impls", default="vmap,loop-func,loop-l2l")
+    ap.add_argument("--epoch", action="store_true", help="also time one epoch of RML two-phase on --split")
+    ap.add_argument("--epoch-fraction", type=float, default=1.0)
+    ap.add_argument("--model-kw", default="{}", help='JSON {model: {kwarg: value}}, e.g. a smaller RML')
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ds = PreparedDataset(args.data)
+    sampler = UserTaskSampler(ds, args.split, tasks_per_batch=args.tasks, support_size=args.support,
+                              query_size=args.query, drop_last=True)
+    tbs = []
+    for tb in sampler.iterate(np.random.default_rng(0)):
+        tbs.append(tb)
+        if len(tbs) > args.reps:
+            break
+    report: dict = {"command": " ".join(sys.argv), "model_kw": json.loads(args.model_kw), "threads": args.threads, "load_before": os.getloadavg(),
+                    "tasks": args.tasks, "support": args.support, "query": args.query, "results": []}
+    impls = args.impls.split(",")
+    print(f"load average before: {os.getloadavg()}; threads={args.threads}")
+    print(f"{'model':8} {'steps':>5} " + " ".join(f"{i:>12}" for i in impls) + "   speed-up(vmap/loop)")
+    for name in args.models.split(","):
+        model = build_model(name, ds.spec, **json.loads(args.model_kw).get(name, {}))
+        model.train()
+        names = adapted_names(model)
+        for steps in [int(s) for s in args.steps.split(",")]:
+            tps = {impl: time_impl(model, tbs, names, steps, impl, args.reps) for impl in impls}
+            ratios = {k: tps["vmap"] / v for k, v in tps.items() if k != "vmap" and "vmap" in tps}
+            report["results"].append({"model": name, "inner_steps": steps, "adapted": len(names),
+                                      "tasks_per_s": tps, "speedup": ratios})
+            print(f"{name:8} {steps:>5} " + " ".join(f"{tps[i]:>12.1f}" for i in impls) + "   "
+                  + ", ".join(f"{k}: {v:.2f}x" for k, v in ratios.items()), flush=True)
+    if args.epoch:
+        model = build_model("rml", ds.spec)
+        cfg = StrategyConfig(name="two_phase", epochs=args.epoch_fraction)
+        t0 = time.perf_counter()
+        train(model, ds, args.split, cfg, seed=0)
+        wall = time.perf_counter() - t0
+        n = int(len(ds.split(args.split)) * args.epoch_fraction)
+        report["epoch"] = {"split": args.split, "fraction": args.epoch_fraction, "rows": n, "wall_s": wall,
+                           "epoch_s_extrapolated": wall / args.epoch_fraction}
+        print(f"RML two_phase on {args.split}: {args.epoch_fraction} epoch ({n} tasks) in {wall:.1f} s "
+              f"-> {wall / args.epoch_fraction:.1f} s per epoch")
+    report["load_after"] = os.getloadavg()
+    print(f"load average after: {os.getloadavg()}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

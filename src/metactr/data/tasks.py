@@ -1,0 +1,157 @@
+"""Tasks for meta-learning: rows grouped by user, padded to a common size, stacked.
+
+A *meta-batch* of T tasks is a ``Batch`` whose tensors have a leading task dimension
+``[T, S, ...]`` plus a weight ``[T, S]`` (1 for real rows, 0 for padding). Padded rows repeat a
+real row of the same task, so every tensor stays valid input for the model and the weight alone
+keeps them out of the loss. Grouping is one stable sort + offsets (no per-row Python).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metactr.data.batch import Batch
+from metactr.data.prepared import PreparedDataset, Split
+from metactr.errors import DataError
+
+
+def pad_tasks(index_lists: Sequence, size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Stack variable-length row-index lists into ``idx [T, S]`` (long) and ``weight [T, S]`` (float).
+
+    ``size`` defaults to the longest list; longer lists are cut to their first ``size`` rows.
+    Padded slots repeat the task's first row with weight 0. Empty lists are an error.
+    """
+    arrays = [np.asarray(x.cpu() if isinstance(x, Tensor) else x, dtype=np.int64).reshape(-1)
+              for x in index_lists]
+    if not arrays:
+        raise ValueError("pad_tasks needs at least one task")
+    lens = np.array([a.size for a in arrays], dtype=np.int64)
+    if (lens == 0).any():
+        raise ValueError(f"task {int(np.flatnonzero(lens == 0)[0])} has no rows")
+    S = int(lens.max()) if size is None else int(size)
+    if S <= 0:
+        raise ValueError(f"task size must be > 0, got {S}")
+    flat = np.concatenate(arrays)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    idx, weight = _gather_padded(flat, starts, lens, S)
+    return torch.from_numpy(idx), torch.from_numpy(weight)
+
+
+def _gather_padded(order: np.ndarray, starts: np.ndarray, lens: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``order[starts[t] : starts[t] + min(lens[t], size)]`` per task, padded with the first row."""
+    j = np.arange(size)[None, :]
+    kept = np.minimum(lens, size)[:, None]
+    valid = j < kept
+    src = starts[:, None] + np.where(valid, j, 0)
+    return order[src], valid.astype(np.float32)
+
+
+def task_batch(dataset: PreparedDataset, split: Split | str, idx: Tensor, weight: Tensor | None = None) -> Batch:
+    """The ``Batch`` of rows ``idx [T, S]`` with a leading task dimension (``weight`` is only
+    checked for shape: padded rows are real rows, masked by the caller's weight)."""
+    if isinstance(split, str):
+        split = dataset.split(split)
+    if idx.dim() != 2:
+        raise ValueError(f"task indices must be [T, S], got shape {tuple(idx.shape)}")
+    if weight is not None and weight.shape != idx.shape:
+        raise ValueError(f"weight shape {tuple(weight.shape)} != index shape {tuple(idx.shape)}")
+    T, S = idx.shape
+    flat = dataset.batch(split, idx.reshape(-1))
+    return Batch(*(t.reshape(T, S, *t.shape[1:]) for t in flat))
+
+
+class TaskBatch(NamedTuple):
+    support: Batch  # [T, S, ...]
+    support_weight: Tensor  # [T, S]
+    query: Batch  # [T, Q, ...]
+    query_weight: Tensor  # [T, Q]
+    users: Tensor  # [T] user ids
+
+
+def group_rows(user_id: np.ndarray, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group row indices by user: ``(users, order, starts, counts)`` so that the rows of
+    ``users[k]`` are ``order[starts[k]:starts[k]+counts[k]]`` (shuffled within the user when
+    ``rng`` is given, else in their original order)."""
+    user_id = np.asarray(user_id)
+    if rng is None:
+        order = np.argsort(user_id, kind="stable")
+    else:
+        order = np.lexsort((rng.random(user_id.size), user_id))
+    users, starts, counts = np.unique(user_id[order], return_index=True, return_counts=True)
+    return users, order, starts, counts
+
+
+class UserTaskSampler:
+    """Meta-batches of user tasks from a prepared split.
+
+    One split (``query_split=None``): each user's rows are shuffled and cut into a support part
+    and a query part (``query_frac`` of the rows, at least one; users with fewer than 2 rows are
+    skipped). Two splits (e.g. ``ms_support`` / ``ms_query``): support rows come from ``split``,
+    query rows from ``query_split``, matched by user (users present in both).
+    Supports/queries longer than ``support_size``/``query_size`` are cut (random rows).
+    """
+
+    def __init__(self, dataset: PreparedDataset, split: str, *, query_split: str | None = None,
+                 tasks_per_batch: int = 32, support_size: int = 20, query_size: int = 10,
+                 query_frac: float = 0.5, drop_last: bool = False) -> None:
+        if tasks_per_batch <= 0 or support_size <= 0 or query_size <= 0:
+            raise ValueError("tasks_per_batch, support_size and query_size must be > 0")
+        if not 0.0 < query_frac < 1.0:
+            raise ValueError(f"query_frac must be in (0, 1), got {query_frac}")
+        self.dataset = dataset
+        self.split = dataset.split(split)
+        self.query_split = dataset.split(query_split) if query_split else None
+        self.tasks_per_batch = tasks_per_batch
+        self.support_size = support_size
+        self.query_size = query_size
+        self.query_frac = query_frac
+        self.drop_last = drop_last
+        s_users = np.unique(self.split.user_id.numpy())
+        if self.query_split is None:
+            _, _, _, counts = group_rows(self.split.user_id.numpy())
+            self.users = s_users[counts >= 2]
+        else:
+            self.users = np.intersect1d(s_users, np.unique(self.query_split.user_id.numpy()))
+        if self.users.size == 0:
+            raise DataError(f"split '{split}' has no user with enough rows for a support and a query set")
+
+    def __len__(self) -> int:
+        n = self.users.size
+        return n // self.tasks_per_batch if self.drop_last else -(-n // self.tasks_per_batch)
+
+    def _plan(self, split: Split, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        users, order, starts, counts = group_rows(split.user_id.numpy(), rng)
+        pos = np.searchsorted(users, self.users)
+        return order, starts[pos], counts[pos]
+
+    def __iter__(self) -> Iterator[TaskBatch]:
+        return self.iterate(np.random.default_rng())
+
+    def iterate(self, rng: np.random.Generator) -> Iterator[TaskBatch]:
+        """One pass over the users in random order (one task per user)."""
+        order, s_start, s_count = self._plan(self.split, rng)
+        if self.query_split is None:
+            n_q = np.maximum(1, np.round(s_count * self.query_frac).astype(np.int64))
+            n_q = np.minimum(n_q, s_count - 1)
+            n_s = s_count - n_q
+            q_order, q_start, q_count = order, s_start + n_s, n_q
+            s_count = n_s
+        else:
+            q_order, q_start, q_count = self._plan(self.query_split, rng)
+        perm = rng.permutation(self.users.size)
+        T = self.tasks_per_batch
+        stop = (perm.size // T) * T if self.drop_last else perm.size
+        q_src = self.split if self.query_split is None else self.query_split
+        for b in range(0, stop, T):
+            k = perm[b:b + T]
+            s_idx, s_w = _gather_padded(order, s_start[k], s_count[k], self.support_size)
+            q_idx, q_w = _gather_padded(q_order, q_start[k], q_count[k], self.query_size)
+            s_idx_t, q_idx_t = torch.from_numpy(s_idx), torch.from_numpy(q_idx)
+            yield TaskBatch(task_batch(self.dataset, self.split, s_idx_t), torch.from_numpy(s_w),
+                            task_batch(self.dataset, q_src, q_idx_t), torch.from_numpy(q_w),
+                            torch.from_numpy(self.users[k]))

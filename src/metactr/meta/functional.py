@@ -1,0 +1,186 @@
+"""The meta-learning engine: inner loops on dicts of tensors with ``torch.func``.
+
+Every strategy (MAML first/second order, Meta-SGD, Reptile, RML's two-phase schedule,
+MetaSelector) adapts a *subset* of a model's parameters, chosen by name, with a few SGD steps on
+the shared ``objective`` (``metactr.models.base``). Parameters are plain dicts ``name -> Tensor``
+so that the adapted copy is a differentiable function of the originals (second-order MAML) and
+so that ``vmap`` can run the inner loops of all tasks of a meta-batch at once.
+
+Tasks in a meta-batch are padded to a common size (``metactr.data.tasks.pad_tasks``); padded
+rows carry weight 0, so they influence neither the inner nor the outer loss.
+
+Written from the papers (Finn et al. 2017, MAML; Li et al. 2017, Meta-SGD; Nichol et al. 2018,
+Reptile); no learn2learn/higher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vmap
+
+from metactr.data.batch import Batch
+from metactr.models.base import CTRModel, objective
+
+LearningRate = float | Mapping[str, Tensor]
+
+
+def live_params(model: nn.Module) -> dict[str, Tensor]:
+    """``name -> nn.Parameter`` of ``model`` (the live objects: gradients flow back to them)."""
+    return dict(model.named_parameters())
+
+
+def _check_names(params: Mapping[str, Tensor], names: Sequence[str]) -> list[str]:
+    names = list(names)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"cannot adapt unknown parameter(s) {missing[:3]}")
+    if not names:
+        raise ValueError("inner_adapt needs at least one parameter name to adapt")
+    return names
+
+
+def _rate(lr: LearningRate, name: str) -> Tensor | float:
+    return lr[name] if isinstance(lr, Mapping) else lr
+
+
+def inner_adapt(model: CTRModel, params: Mapping[str, Tensor], support: Batch, *, names: Sequence[str],
+                lr: LearningRate, steps: int = 1, first_order: bool = False,
+                weight: Tensor | None = None) -> dict[str, Tensor]:
+    """``steps`` SGD steps on ``objective(model, ., support)`` for the parameters ``names``.
+
+    Returns a new dict (the others entries are the very same tensors). The result is
+    differentiable w.r.t. ``params`` and tensor learning rates (Meta-SGD) unless
+    ``first_order``, in which case the inner gradients are treated as constants (FOMAML).
+    Works inside ``vmap`` (one task per call) because it uses ``torch.func.grad``.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    names = _check_names(params, names)
+    current = dict(params)
+
+    def loss_of(sub: dict[str, Tensor], rest: dict[str, Tensor]) -> Tensor:
+        return objective(model, {**rest, **sub}, support, weight)[0]
+
+    for _ in range(steps):
+        sub = {n: current[n] for n in names}
+        rest = {n: t for n, t in current.items() if n not in sub}
+        grads = grad(loss_of)(sub, rest)
+        for n in names:
+            g = grads[n].detach() if first_order else grads[n]
+            current[n] = current[n] - _rate(lr, n) * g
+    return current
+
+
+def _ones_weight(b: Batch) -> Tensor:
+    return torch.ones(b.label.shape, dtype=torch.get_default_dtype() if not b.label.is_floating_point()
+                      else b.label.dtype, device=b.label.device)
+
+
+def maml_outer_loss(model: CTRModel, params: Mapping[str, Tensor], support: Batch, query: Batch, *,
+                    names: Sequence[str], lr: LearningRate, steps: int = 1, first_order: bool = False,
+                    support_weight: Tensor | None = None, query_weight: Tensor | None = None,
+                    vectorize: bool = True) -> Tensor:
+    """Mean over tasks of the query loss after ``inner_adapt`` on each task's support set.
+
+    ``support``/``query`` carry a leading task dimension ``[T, S, ...]`` / ``[T, Q, ...]``;
+    the weights ``[T, S]`` / ``[T, Q]`` mask padded rows. ``vectorize=True`` runs all tasks
+    in one ``vmap`` (same result as the per-task loop, which ``vectorize=False`` runs).
+    Call ``.backward()`` on the result to get the meta-gradient in ``params``' ``.grad``.
+    """
+    if support.label.dim() != 2 or query.label.dim() != 2:
+        raise ValueError("maml_outer_loss expects support/query with a leading task dimension [T, S]")
+    if support.label.shape[0] != query.label.shape[0]:
+        raise ValueError(f"support has {support.label.shape[0]} tasks but query has {query.label.shape[0]}")
+    sw = _ones_weight(support) if support_weight is None else support_weight
+    qw = _ones_weight(query) if query_weight is None else query_weight
+    params = dict(params)
+
+    def task_loss(s: Batch, q: Batch, s_w: Tensor, q_w: Tensor) -> Tensor:
+        adapted = inner_adapt(model, params, s, names=names, lr=lr, steps=steps,
+                              first_order=first_order, weight=s_w)
+        return objective(model, adapted, q, q_w)[0]
+
+    if vectorize:
+        return _vectorized_outer_loss(model, params, support, query, sw, qw, names=list(names), lr=lr,
+                                      steps=steps, first_order=first_order)
+    else:
+        losses = torch.stack([task_loss(support.select(t), query.select(t), sw[t], qw[t])
+                              for t in range(support.label.shape[0])])
+    return losses.mean()
+
+
+def _vectorized_outer_loss(model: CTRModel, params: dict[str, Tensor], support: Batch, query: Batch,
+                           sw: Tensor, qw: Tensor, *, names: list[str], lr: LearningRate, steps: int,
+                           first_order: bool) -> Tensor:
+    """All tasks at once: per-task copies ``[T, ...]`` of the adapted parameters, the forward
+    pass vmapped over tasks, and the inner gradients taken with plain autograd.
+
+    Tasks are independent, so the gradient of the *sum* of the per-task support losses w.r.t.
+    the stacked copies is exactly the stack of per-task gradients. Using autograd here instead
+    of ``torch.func.grad`` inside ``vmap`` avoids functorch's grad-transform wrappers, which
+    made the second-order backward ~1.5-2x slower than plain double backward on CPU.
+    """
+    _check_names(params, names)
+    T = support.label.shape[0]
+    shared = {n: t for n, t in params.items() if n not in names}
+
+    def task_loss(p: dict[str, Tensor], b: Batch, w: Tensor) -> Tensor:
+        return objective(model, {**shared, **p}, b, w)[0]
+
+    batched_loss = vmap(task_loss, randomness="different")
+    fast = {n: params[n].unsqueeze(0).expand(T, *params[n].shape) for n in names}
+    # constants (e.g. a finite-difference probe): the inner loop still needs gradients
+    fast = {n: f if f.requires_grad else f.clone().requires_grad_(True) for n, f in fast.items()}
+    for _ in range(steps):
+        loss = batched_loss(fast, support, sw).sum()
+        grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=not first_order)
+        fast = {n: fast[n] - _rate(lr, n) * (g.detach() if first_order else g)
+                for n, g in zip(names, grads, strict=True)}
+    return batched_loss(fast, query, qw).mean()
+
+
+def fast_adapt(model: CTRModel, support: Batch, *, names: Sequence[str] | None = None, lr: LearningRate,
+               steps: int = 1, params: Mapping[str, Tensor] | None = None,
+               weight: Tensor | None = None) -> dict[str, Tensor]:
+    """Adapt ``names`` (all parameters when None) with ``steps`` plain SGD steps on ``support``;
+    no graph is kept. The primitive that fine-tuning, evaluation and serving share.
+
+    Returns detached tensors for every parameter (the non-adapted ones are the originals,
+    detached), ready for ``functional_call`` or ``predict_proba(params=...)``.
+    """
+    base = live_params(model) if params is None else dict(params)
+    current = {n: t.detach() for n, t in base.items()}
+    names = _check_names(current, list(current) if names is None else names)
+    with torch.enable_grad():
+        for _ in range(steps):
+            sub = {n: current[n].clone().requires_grad_(True) for n in names}
+            loss, _ = objective(model, {**current, **sub}, support, weight)
+            grads = torch.autograd.grad(loss, list(sub.values()), allow_unused=True)
+            for n, g in zip(names, grads, strict=True):
+                if g is not None:
+                    current[n] = (current[n] - torch.as_tensor(_rate(lr, n)).detach() * g).detach()
+    return current
+
+
+class MetaSGDRates(nn.Module):
+    """Meta-SGD's learned per-parameter inner learning rates (Li et al. 2017, "Meta-SGD").
+
+    One rate tensor per adapted parameter, of the same shape, initialised to ``init``. Pass
+    ``rates.as_dict()`` as ``lr=`` to ``inner_adapt``/``maml_outer_loss``; the outer optimizer
+    then trains the rates together with the model.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], names: Sequence[str], init: float = 0.01) -> None:
+        super().__init__()
+        if init <= 0:
+            raise ValueError(f"initial inner learning rate must be > 0, got {init}")
+        self.names = _check_names(params, names)
+        # nn.ParameterDict keys may not contain '.', so keep an index-based list
+        self.rates = nn.ParameterList(
+            [nn.Parameter(torch.full_like(params[n].detach(), float(init))) for n in self.names])
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.rates, strict=True))

@@ -1,0 +1,138 @@
+"""The RML protocol (metactr.meta.protocol) and ``metactr reproduce rml``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+
+from metactr.cli import main
+from metactr.data.prepared import PreparedDataset
+from metactr.meta.protocol import (ProtocolConfig, finetune, run_protocol, scored_rows,
+                                   write_toy_rml_dataset)
+from metactr.meta.strategies import STRATEGIES, StrategyConfig, train
+from metactr.models.base import build_model
+
+SMALL_RML = {"embed_dim": 4, "att_hidden": [8], "lstm_hidden": 4, "mlp_hidden": [8], "aux_hidden": [4]}
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    return write_toy_rml_dataset(tmp_path_factory.mktemp("toy"), n_users=40, rows_per_user=8)
+
+
+@pytest.fixture(scope="module")
+def toy(toy_dir):
+    return PreparedDataset(toy_dir)
+
+
+def test_faithful_finetune_skips_incomplete_batches(toy):
+    n = len(toy.split("wc_finetune_a"))  # 10 rows (40 users / 4 stages)
+    assert n == 10
+    model = build_model("rml", toy.spec, **SMALL_RML)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    assert finetune(model, toy, "wc_finetune_a", opt, ProtocolConfig(mode="faithful", ft_batch_size=4), g) == 2
+    assert finetune(model, toy, "wc_finetune_a", opt, ProtocolConfig(mode="full", ft_batch_size=4), g) == 3
+    assert finetune(model, toy, "wc_finetune_a", opt, ProtocolConfig(mode="full", ft_batch_size=4, ft_epochs=2), g) == 6
+    # an FT set smaller than one batch gives no step at all in faithful mode (as the authors' code)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert finetune(model, toy, "wc_finetune_a", opt, ProtocolConfig(mode="faithful", ft_batch_size=16), g) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_faithful_scoring_keeps_complete_batches_only():
+    g = torch.Generator().manual_seed(0)
+    rows = scored_rows(320, ProtocolConfig(mode="faithful"), g)
+    assert rows.numel() == 256 and rows.unique().numel() == 256
+    assert scored_rows(248, ProtocolConfig(mode="faithful"), g).numel() == 128
+    assert scored_rows(248, ProtocolConfig(mode="full"), g).numel() == 248
+    assert scored_rows(15, ProtocolConfig(mode="faithful"), g).numel() == 15  # smaller than a batch: all
+
+
+@pytest.mark.parametrize("name", [s for s in STRATEGIES if s not in ("meta_embedding", "melu", "mamo")])
+def test_every_strategy_trains_and_goes_through_the_protocol(toy, name):
+    strat = StrategyConfig(name=name, epochs=1, batch_size=16, tasks_per_batch=8, support_size=4, query_size=2)
+    rows = run_protocol(toy, "cw", "rml", SMALL_RML, strat, ProtocolConfig(mode="full", bootstrap=50), seed=3)
+    assert [r["stage"] for r in rows] == ["before", "finetune_a", "finetune_b", "finetune_c"]
+    assert all(r["n_test"] == 10 and 0.0 <= r["auc"] <= 1.0 and r["logloss"] > 0 for r in rows)
+    assert "auc_boot95" in rows[-1]
+
+
+def test_training_is_deterministic_given_the_seed(toy):
+    strat = StrategyConfig(name="two_phase", epochs=1, batch_size=16)
+    a = run_protocol(toy, "wc", "rml", SMALL_RML, strat, ProtocolConfig(bootstrap=0), seed=1)
+    b = run_protocol(toy, "wc", "rml", SMALL_RML, strat, ProtocolConfig(bootstrap=0), seed=1)
+    assert [r["logloss"] for r in a] == [r["logloss"] for r in b]
+    c = run_protocol(toy, "wc", "rml", SMALL_RML, strat, ProtocolConfig(bootstrap=0), seed=2)
+    assert [r["logloss"] for r in a] != [r["logloss"] for r in c]
+
+
+def test_two_phase_needs_a_meta_group(toy):
+    from metactr.errors import ConfigError
+
+    model = build_model("basic", toy.spec)
+    with pytest.raises(ConfigError, match="no parameter group"):
+        train(model, toy, "wc_train", StrategyConfig(name="two_phase", epochs=0.1))
+
+
+def test_reproduce_quick_end_to_end(toy_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["reproduce", "rml", "--data", str(toy_dir), "--out", str(out), "--quick", "--mode", "full",
+            "--set", "method=" + json.dumps({"rml": {"model": "rml", "strategy": "two_phase", "model_kw": SMALL_RML},
+                                            "rml_wo_meta": {"model": "rml", "model_kw": SMALL_RML}})]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = res["rows"]
+    assert {(r["method"], r["subset"]) for r in rows} == {(m, s) for m in ("rml", "rml_wo_meta") for s in ("wc", "cw")}
+    ftc = [r for r in rows if r["stage"] == "finetune_c"]
+    assert all(len(r["auc"]) == 2 and r["seeds"] == [0, 1] and r["n_test"] == 10 for r in ftc)
+    rml_wc = next(r for r in ftc if r["method"] == "rml" and r["subset"] == "wc")
+    assert rml_wc["paper_auc"] == 0.8167 and rml_wc["auc_diff"] == pytest.approx(rml_wc["auc_mean"] - 0.8167)
+    md = (out / "results.md").read_text()
+    assert "0.8167" in md and "FT-C" in md and "w/o Meta" in md
+    # a second invocation reuses every finished job
+    assert main(argv) == 0
+    assert "8 already done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,msg", [(["--methods", "nope"], "unknown method"),
+                                       (["--subsets", "xx"], "needs split"),
+                                       (["--mode", "sloppy"], "protocol.mode")])
+def test_reproduce_rejects_bad_input(toy_dir, tmp_path, capsys, extra, msg):
+    assert main(["reproduce", "rml", "--data", str(toy_dir), "--out", str(tmp_path / "o"), "--quick", *extra]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_reproduce_missing_data_dir(tmp_path, capsys):
+    assert main(["reproduce", "rml", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--quick"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_reproduce_tiny_run_on_ml1m_rml(real_data, tmp_path):
+    path = real_data("ml-1m-rml")
+    out = tmp_path / "real"
+    assert main(["reproduce", "rml", "--data", str(path), "--out", str(out), "--methods", "rml", "--seeds", "1",
+                 "--subsets", "cw", "--epochs", "0.02", "--set", "protocol.bootstrap=100"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    ftc = next(r for r in rows if r["stage"] == "finetune_c")
+    assert ftc["n_test"] == 128 and ftc["ft_steps"] == 1  # faithful: one FT step, one full test batch
+    assert 0.5 < ftc["auc_mean"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["maml", "reptile"])
+def test_vectorized_and_looped_strategies_train_the_same_weights(toy, name):
+    def trained(vectorize: bool):
+        torch.manual_seed(0)
+        model = build_model("rml", toy.spec, **{**SMALL_RML, "dropout": 0.0}).double()
+        cfg = StrategyConfig(name=name, epochs=1, tasks_per_batch=8, support_size=4, query_size=2,
+                             vectorize=vectorize, adapt_groups=["meta"])
+        train(model, toy, "wc_train", cfg, seed=5)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    a, b = trained(True), trained(False)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0)
