@@ -1,0 +1,581 @@
+"""MetaSelector training: base-model pre-training, episodic meta-training, meta-test adaptation.
+
+Luo et al., WWW 2020, Algorithm 1 and sec. 5.3:
+
+* (optional, on by default) pre-train each base model on the pooled training data of every
+  user (LR with FTRL, the others with Adam, mini-batches of 1000);
+* meta-train episodically: each episode samples ``users_per_episode`` (10) users, draws a
+  support and a query set from each user's training data (``ms_support`` / ``ms_query``, the
+  chronological 75/25 cut of the user's first 80%), adapts (base models and selector, or the
+  selector only for MetaSelector-Simplified) with one Meta-SGD step on the support loss, and
+  updates the initialisation *and* the per-parameter inner rates on the query loss,
+  second-order through the adaptation (eq. 5);
+* meta-test: adapt on the user's whole training data (support + query), score the user's test
+  data (``ms_test``).
+
+The MAML/Meta-SGD mathematics live in the shared engine (``metactr.meta.functional``); this
+module only builds the user tasks, drives the episodes and does the bookkeeping.
+
+Deviations, on purpose (each configurable): a task's support/query sets are random subsets of
+at most ``max_support`` / ``max_query`` rows of the user's support/query split (Algorithm 1,
+line 7 "sample D_S^u and D_Q^u"), so that every task of an episode pads to a small common size;
+meta-training runs with dropout off (vmap over tasks then needs no per-task random state).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field as PField
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metactr.config import StrictModel
+from metactr.data.batch import Batch
+from metactr.data.prepared import PreparedDataset, Split
+from metactr.data.tasks import task_batch
+from metactr.errors import ConfigError, DataError
+from metactr.meta.functional import MetaSGDRates, inner_adapt, live_params, maml_outer_loss
+from metactr.meta.selector import MetaSelector
+from metactr.models.base import CTRModel, build_model, objective
+
+SUPPORT, QUERY, TEST = "ms_support", "ms_query", "ms_test"
+NEW_TRAIN, NEW_TEST = "ms_newuser_train", "ms_newuser_test"
+
+
+# --------------------------------------------------------------------------- configuration
+class BaseModelConfig(StrictModel):
+    """One base model: a registered model name, its hyper-parameters and how to pre-train it."""
+
+    name: str
+    hp: dict[str, Any] = PField(default_factory=dict)
+    optimizer: Literal["adam", "ftrl", "adagrad", "sgd"] = "adam"
+    lr: float = PField(1e-3, gt=0)
+
+
+class PretrainConfig(StrictModel):
+    enabled: bool = True
+    epochs: int = PField(2, ge=0)
+    batch_size: int = PField(1000, ge=1)
+
+
+class SelectorNetConfig(StrictModel):
+    hidden: list[int] = PField(default_factory=lambda: [200, 200, 200])
+    embed_dim: int = PField(10, ge=1)
+    use_predictions: bool = True
+    use_history: bool = True
+
+
+class MetaTrainConfig(StrictModel):
+    """Algorithm 1 with Meta-SGD. ``outer_lr`` None = inner_lr / 10 (the paper's beta)."""
+
+    episodes: int = PField(300, ge=0)
+    users_per_episode: int = PField(10, ge=1)
+    max_support: int = PField(64, ge=1)
+    max_query: int = PField(32, ge=1)
+    inner_lr: float = PField(1e-3, gt=0)
+    outer_lr: float | None = PField(None, gt=0)
+    learn_inner_lr: bool = True  # Meta-SGD; False = plain MAML with a fixed alpha
+    inner_steps: int = PField(1, ge=1)
+    first_order: bool = False
+    vectorize: bool = True
+    test_steps: int = PField(1, ge=0)  # adaptation steps at meta-test
+    test_max_support: int = PField(1024, ge=1)  # most recent training rows used to adapt at meta-test
+    test_chunk: int = PField(64, ge=1)  # users adapted together at meta-test
+    simplified_test_adapt: bool = True  # Simplified: adapt the selector at meta-test
+
+
+class SampleSelectorConfig(StrictModel):
+    """The paper's sample-level selector (sec. 5.2): a 400-400-400 MLP classifier."""
+
+    enabled: bool = True
+    hidden: list[int] = PField(default_factory=lambda: [400, 400, 400])
+    embed_dim: int = PField(10, ge=1)
+    epochs: int = PField(3, ge=1)
+    batch_size: int = PField(1000, ge=1)
+    lr: float = PField(1e-3, gt=0)
+    refit_bases: bool = True  # base models re-trained on the 75% support part, as the paper
+
+
+class SelectorExperiment(StrictModel):
+    """The whole ``reproduce metaselector`` experiment."""
+
+    base_models: list[BaseModelConfig] = PField(default_factory=lambda: default_base_models())
+    pretrain: PretrainConfig = PField(default_factory=PretrainConfig)
+    selector: SelectorNetConfig = PField(default_factory=SelectorNetConfig)
+    meta: MetaTrainConfig = PField(default_factory=MetaTrainConfig)
+    sample_selector: SampleSelectorConfig = PField(default_factory=SampleSelectorConfig)
+    simplified: bool = True
+    reference_model: str = "deepfm"  # the single model drawn against MetaSelector in the KDE plot
+    eval_batch_size: int = PField(4096, ge=1)
+    max_users: int | None = PField(None, ge=2)  # keep only the first N users (quick runs)
+    disjoint_test_users: bool | None = None  # None: use ms_newuser_* when the dataset has them
+    prepare: dict[str, Any] = PField(default_factory=dict)  # extra PrepareConfig keys for the pipeline
+
+
+def default_base_models() -> list[BaseModelConfig]:
+    """LR (FTRL), FM, FFM, DeepFM with latent dimension 10 and a 256-256-256 DeepFM MLP (sec. 5.2).
+
+    The paper's "dropout setting 0.9" is TensorFlow's keep probability, i.e. dropout 0.1.
+    """
+    return [
+        BaseModelConfig(name="lr", optimizer="ftrl", lr=0.05),
+        BaseModelConfig(name="fm", hp={"embed_dim": 10}),
+        BaseModelConfig(name="ffm", hp={"embed_dim": 10}),
+        BaseModelConfig(name="deepfm", hp={"embed_dim": 10, "hidden": [256, 256, 256], "dropout": 0.1}),
+    ]
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class UserIndex:
+    """Rows of one split grouped by user (CSR): ``rows[starts[i]:starts[i]+counts[i]]`` are the
+    rows of ``users[i]``, in their original (chronological) order."""
+
+    users: Tensor
+    starts: Tensor
+    counts: Tensor
+    rows: Tensor
+
+    @classmethod
+    def build(cls, split: Split) -> UserIndex:
+        uid = split.user_id
+        order = torch.sort(uid, stable=True).indices
+        users, counts = torch.unique_consecutive(uid[order], return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        return cls(users, starts, counts, order)
+
+    def lookup(self, users: Tensor) -> Tensor:
+        """Position of each user in ``self.users`` (-1 where absent)."""
+        pos = torch.searchsorted(self.users, users).clamp_max(max(len(self.users) - 1, 0))
+        found = self.users[pos] == users if len(self.users) else torch.zeros_like(users, dtype=torch.bool)
+        return torch.where(found, pos, torch.full_like(pos, -1))
+
+    def sample(self, pos: Tensor, n_max: int, generator: torch.Generator | None, *,
+               latest: bool = False) -> tuple[Tensor, Tensor]:
+        """Up to ``n_max`` rows of each user ``pos`` (random, or the most recent when ``latest``):
+        a padded [T, N] row-index matrix and its [T, N] 0/1 weight mask. Vectorized."""
+        counts = self.counts[pos]
+        n = int(min(int(counts.max()) if len(pos) else 1, n_max)) or 1
+        width = int(counts.max()) if len(pos) else 1
+        ar = torch.arange(width)
+        valid = ar[None, :] < counts[:, None]
+        if latest:
+            # the last min(count, n) rows, in chronological order
+            offs = (counts - n).clamp_min(0)[:, None] + torch.arange(n)[None, :]
+            take = offs
+        else:
+            keys = torch.rand(len(pos), width, generator=generator).masked_fill(~valid, 2.0)
+            take = torch.argsort(keys, dim=1)[:, :n]
+        weight = (torch.arange(n)[None, :] < counts[:, None]).float()
+        take = torch.where(weight > 0, take, torch.zeros_like(take))
+        rows = self.rows[self.starts[pos][:, None] + take]
+        return rows, weight
+
+
+def concat_splits(a: Split, b: Split, name: str) -> Split:
+    ts = None if a.timestamp is None or b.timestamp is None else torch.cat([a.timestamp, b.timestamp])
+    return Split(name, torch.cat([a.user_id, b.user_id]), torch.cat([a.hist_ids, b.hist_ids]),
+                 torch.cat([a.hist_len, b.hist_len]), torch.cat([a.hist_labels, b.hist_labels]),
+                 torch.cat([a.target, b.target]), torch.cat([a.label, b.label]),
+                 torch.cat([a.context, b.context]), ts)
+
+
+@dataclass
+class SelectorData:
+    """The MetaSelector protocol's splits of one prepared dataset.
+
+    ``train`` = support + query (the user's first 80%, chronological); ``test`` = the last 20%.
+    Meta-test users are the same users (their later data) unless the dataset has the optional
+    disjoint ``ms_newuser_train`` / ``ms_newuser_test`` splits.
+    """
+
+    ds: PreparedDataset
+    support: Split
+    query: Split
+    train: Split
+    test: Split
+    test_train: Split  # what meta-test users adapt on
+    disjoint_test_users: bool
+
+    @classmethod
+    def load(cls, root, *, disjoint: bool | None = None, max_users: int | None = None) -> SelectorData:
+        data = cls._load(root, disjoint=disjoint)
+        return data.keep_users(max_users) if max_users else data
+
+    def keep_users(self, n: int) -> SelectorData:
+        """Only the first ``n`` training users (and the first ``n`` meta-test users)."""
+        def first(split: Split, k: int) -> Tensor:
+            return torch.unique(split.user_id)[:k]
+
+        def only(split: Split, users: Tensor) -> Split:
+            return split.subset(torch.nonzero(torch.isin(split.user_id, users)).flatten())
+
+        tr = first(self.train, n)
+        te = tr if not self.disjoint_test_users else first(self.test_train, n)
+        train = only(self.train, tr)
+        return SelectorData(self.ds, only(self.support, tr), only(self.query, tr), train, only(self.test, te),
+                            train if not self.disjoint_test_users else only(self.test_train, te),
+                            self.disjoint_test_users)
+
+    @classmethod
+    def _load(cls, root, *, disjoint: bool | None = None) -> SelectorData:
+        ds = PreparedDataset(root)
+        have = set(ds.split_names)
+        missing = [s for s in (SUPPORT, QUERY, TEST) if s not in have]
+        if missing:
+            raise DataError(f"not a MetaSelector split: missing {', '.join(missing)} "
+                            "(prepare with protocol 'metaselector')", path=root)
+        support, query = ds.split(SUPPORT), ds.split(QUERY)
+        train = concat_splits(support, query, "ms_train")
+        has_new = NEW_TRAIN in have and NEW_TEST in have
+        use_new = has_new if disjoint is None else disjoint
+        if use_new and not has_new:
+            raise DataError("disjoint meta-test users asked for, but the dataset has no "
+                            f"{NEW_TRAIN}/{NEW_TEST} splits", path=root)
+        if use_new:
+            return cls(ds, support, query, train, ds.split(NEW_TEST), ds.split(NEW_TRAIN), True)
+        for s in (support, query, ds.split(TEST)):
+            if len(s) == 0:
+                raise DataError(f"split '{s.name}' is empty", path=root)
+        return cls(ds, support, query, train, ds.split(TEST), train, False)
+
+
+# --------------------------------------------------------------------------- base models
+def build_base_models(cfg: SelectorExperiment, ds: PreparedDataset) -> list[CTRModel]:
+    return [build_model(b.name, ds.spec, **b.hp) for b in cfg.base_models]
+
+
+def _optimizer(model: nn.Module, b: BaseModelConfig) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    if b.optimizer == "adam":
+        return torch.optim.Adam(params, lr=b.lr)
+    if b.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=b.lr)
+    if b.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=b.lr)
+    from metactr.train.optim import FTRL
+
+    return FTRL(params, lr=b.lr)
+
+
+def pretrain(model: CTRModel, b: BaseModelConfig, ds: PreparedDataset, split: Split, *, epochs: int,
+             batch_size: int, generator: torch.Generator) -> list[float]:
+    """Mini-batch training of one base model on the pooled rows of ``split`` (sec. 5.3).
+
+    A plain loop over the shared ``objective``: MetaSelector's pre-training needs nothing of
+    the full trainer (no checkpoints or early stopping; the test data are the users' later
+    interactions). Returns the mean training loss of each epoch.
+    """
+    opt = _optimizer(model, b)
+    model.train()
+    history = []
+    for _ in range(epochs):
+        total, n = 0.0, 0
+        for batch in ds.iter_batches(split, batch_size, shuffle=True, generator=generator):
+            loss, _ = objective(model, None, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * batch.size
+            n += batch.size
+        history.append(total / max(n, 1))
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, ds: PreparedDataset, split: Split, batch_size: int = 4096,
+                   fn: Callable[[nn.Module, Batch], Tensor] | None = None) -> Tensor:
+    """Logits (or whatever ``fn(model, batch)`` returns) for every row of ``split``, in order."""
+    was = model.training
+    model.eval()
+    fn = fn or (lambda m, b: m(b).logit)
+    outs = [fn(model, b) for b in ds.iter_batches(split, batch_size)]
+    model.train(was)
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+# --------------------------------------------------------------------------- the meta engine
+def adapt(model: CTRModel, params: Mapping[str, Tensor], rates: Mapping[str, Tensor],
+          support: Batch, weight: Tensor, *, steps: int) -> dict[str, Tensor]:
+    """``steps`` Meta-SGD steps (eq. 4) of the parameters named in ``rates`` on ONE task
+    (the engine's ``inner_adapt``; vmaps over users)."""
+    return inner_adapt(model, params, support, names=list(rates), lr=rates, steps=steps, weight=weight)
+
+
+def meta_loss(model: CTRModel, params: Mapping[str, Tensor], rates: Mapping[str, Tensor],
+              support: Batch, query: Batch, sw: Tensor, qw: Tensor, *, steps: int,
+              first_order: bool, vectorize: bool) -> Tensor:
+    """Mean over the T tasks of the query loss after adaptation on the support ([T, N] batches),
+    differentiable (second order unless ``first_order``) in ``params`` and ``rates`` (eq. 6)."""
+    return maml_outer_loss(model, params, support, query, names=list(rates), lr=rates, steps=steps,
+                           first_order=first_order, support_weight=sw, query_weight=qw,
+                           vectorize=vectorize)
+
+
+# --------------------------------------------------------------------------- meta-training
+@dataclass
+class MetaResult:
+    model: MetaSelector
+    rates: MetaSGDRates
+    adapt_names: list[str]
+    losses: list[float]
+    seconds: float
+
+
+def meta_train(model: MetaSelector, data: SelectorData, cfg: MetaTrainConfig, *, adapt_groups: Sequence[str],
+               outer_groups: Sequence[str], generator: torch.Generator,
+               log: Callable[[str], None] | None = None) -> MetaResult:
+    """Algorithm 1 (with Meta-SGD, eq. 5) on the training users of ``data``.
+
+    ``adapt_groups`` are adapted in the inner step (``base``+``selector`` for MetaSelector,
+    ``selector`` for Simplified); ``outer_groups`` are updated in the outer step (the same).
+    """
+    model.eval()  # no dropout in meta-training (see module docstring)
+    names = model.params_in(*adapt_groups)
+    outer_names = model.params_in(*outer_groups)
+    live = live_params(model)
+    for n, p in live.items():
+        p.requires_grad_(n in outer_names)
+    rates = MetaSGDRates(live, names, cfg.inner_lr)
+    rates.requires_grad_(cfg.learn_inner_lr)
+    outer_lr = cfg.outer_lr if cfg.outer_lr is not None else cfg.inner_lr / 10.0
+    opt_params = [live[n] for n in outer_names] + ([*rates.parameters()] if cfg.learn_inner_lr else [])
+    opt = torch.optim.Adam(opt_params, lr=outer_lr)
+    sup_idx, qry_idx = UserIndex.build(data.support), UserIndex.build(data.query)
+    # a task needs both a support and a query row
+    users = sup_idx.users[qry_idx.lookup(sup_idx.users) >= 0]
+    if len(users) == 0:
+        raise DataError("no user has both support and query rows", path=data.ds.root)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    m = min(cfg.users_per_episode, len(users))
+    for ep in range(cfg.episodes):
+        pick = users[torch.randperm(len(users), generator=generator)[:m]]
+        s_rows, sw = sup_idx.sample(sup_idx.lookup(pick), cfg.max_support, generator)
+        q_rows, qw = qry_idx.sample(qry_idx.lookup(pick), cfg.max_query, generator)
+        support = task_batch(data.ds, data.support, s_rows)
+        query = task_batch(data.ds, data.query, q_rows)
+        loss = meta_loss(model, live, rates.as_dict(), support, query, sw, qw, steps=cfg.inner_steps,
+                         first_order=cfg.first_order, vectorize=cfg.vectorize)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # a negative inner rate would turn adaptation into ascent
+            for r in rates.rates:
+                r.clamp_(min=0.0)
+        losses.append(float(loss.detach()))
+        if log and (ep + 1) % max(1, cfg.episodes // 5) == 0:
+            log(f"  episode {ep + 1}/{cfg.episodes}: query loss {np.mean(losses[-50:]):.4f}")
+    for p in live.values():
+        p.requires_grad_(True)
+    return MetaResult(model, rates, names, losses, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- meta-test
+def meta_test(model: MetaSelector, rates: Mapping[str, Tensor] | None, data: SelectorData,
+              cfg: MetaTrainConfig, *, steps: int | None = None,
+              score: Callable[[CTRModel, Mapping[str, Tensor], Batch], Tensor] | None = None) -> Tensor:
+    """Adapt on each test user's training rows, score the user's test rows (sec. 4.2).
+
+    Users are processed in chunks of ``test_chunk`` sorted by their number of training rows (so
+    padding stays small); each chunk is one vmapped adaptation. A user's adaptation set is their
+    most recent ``test_max_support`` training rows. ``rates`` None or ``steps`` 0 = no adaptation.
+    Returns the mixture logit of every row of ``data.test``, in order.
+    """
+    steps = cfg.test_steps if steps is None else steps
+    model.eval()
+    ds = data.ds
+    test_idx, train_idx = UserIndex.build(data.test), UserIndex.build(data.test_train)
+    out = torch.zeros(len(data.test))
+    live = {n: p.detach() for n, p in model.named_parameters()}
+    score = score or (lambda m, p, b: functional_call(m, dict(p), (b,)).logit)
+    pos_train = train_idx.lookup(test_idx.users)
+    no_train = pos_train < 0
+    if no_train.any() or not steps or not rates:
+        # users without training rows (or no adaptation asked): the initialisation scores them
+        rows = test_idx.rows if (not steps or not rates) else torch.cat(
+            [test_idx.rows[test_idx.starts[i]:test_idx.starts[i] + test_idx.counts[i]]
+             for i in torch.nonzero(no_train).flatten().tolist()])
+        with torch.no_grad():
+            for start in range(0, len(rows), 4096):
+                r = rows[start:start + 4096]
+                out[r] = score(model, live, ds.batch(data.test, r))
+        if not steps or not rates:
+            return out
+    have = torch.nonzero(~no_train).flatten()
+    order = have[torch.argsort(train_idx.counts[pos_train[have]])]
+    rates = {n: r.detach() for n, r in rates.items()}
+
+    def one_task(sup: Batch, sw: Tensor, qry: Batch) -> Tensor:
+        return score(model, adapt(model, live, rates, sup, sw, steps=steps), qry)
+
+    for start in range(0, len(order), cfg.test_chunk):
+        chunk = order[start:start + cfg.test_chunk]
+        s_rows, sw = train_idx.sample(pos_train[chunk], cfg.test_max_support, None, latest=True)
+        q_rows, qw = test_idx.sample(chunk, 10**9, None, latest=True)
+        sup = task_batch(ds, data.test_train, s_rows)
+        qry = task_batch(ds, data.test, q_rows)
+        if cfg.vectorize:
+            logits = torch.func.vmap(one_task)(sup, sw, qry)
+        else:
+            logits = torch.stack([one_task(Batch(*(t[i] for t in sup)), sw[i], Batch(*(t[i] for t in qry)))
+                                  for i in range(len(chunk))])
+        valid = qw > 0
+        out[q_rows[valid]] = logits.detach()[valid]
+    return out
+
+
+# --------------------------------------------------------------------------- one seed, every method
+METHOD_LABELS = {
+    "perfect_sample": "Perfect Sample-level Selector",
+    "perfect_user": "Perfect User-level Selector",
+    "sample_selector": "Sample-level Selector",
+    "metaselector": "MetaSelector",
+    "metaselector_simplified": "MetaSelector-Simplified",
+}
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    metrics: dict[str, dict[str, float]]  # method -> {auc, logloss}
+    best_share: dict[str, float]  # base model -> share of users for whom it is best
+    user_loss: dict[str, np.ndarray]  # method -> per-user test logloss (sorted users)
+    seconds: dict[str, float]
+
+
+def _probs(models: Sequence[CTRModel], ds: PreparedDataset, split: Split, bs: int) -> np.ndarray:
+    return torch.sigmoid(torch.stack([predict_logits(m, ds, split, bs) for m in models], dim=1)).numpy()
+
+
+def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
+             log: Callable[[str], None] = lambda s: None) -> SeedResult:
+    """Every method of Table 3 for one seed: single models, oracles, sample-level selector,
+    MetaSelector and MetaSelector-Simplified, all scored on the same test rows."""
+    from metactr.eval.metrics import auc, logloss
+    from metactr.meta import selector_baselines as sb
+    from metactr.utils import seed_everything
+
+    g = seed_everything(seed)
+    ds, bs = data.ds, cfg.eval_batch_size
+    names = [b.name for b in cfg.base_models]
+    if len(set(names)) != len(names):
+        raise ConfigError("base model names must be distinct", field="base_models")
+    y, users = data.test.label.numpy(), data.test.user_id.numpy()
+    secs: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    bases = build_base_models(cfg, ds)
+    if cfg.pretrain.enabled:
+        for m, b in zip(bases, cfg.base_models, strict=True):
+            hist = pretrain(m, b, ds, data.train, epochs=cfg.pretrain.epochs,
+                            batch_size=cfg.pretrain.batch_size, generator=g)
+            log(f"  pre-trained {b.name}: train loss {hist[-1] if hist else float('nan'):.4f}")
+    secs["pretrain"] = time.perf_counter() - t0
+    P = _probs(bases, ds, data.test, bs)
+    preds: dict[str, np.ndarray] = {n: P[:, k] for k, n in enumerate(names)}
+    preds["perfect_sample"] = sb.perfect_sample_selector(P, y)
+    preds["perfect_user"] = sb.perfect_user_selector(P, y, users)
+    share = sb.best_model_share(P, y, users, names)
+
+    if cfg.sample_selector.enabled:
+        t0 = time.perf_counter()
+        sc = cfg.sample_selector
+        if sc.refit_bases:  # as the paper: base models trained on the 75% part only
+            sbases = build_base_models(cfg, ds)
+            for m, b in zip(sbases, cfg.base_models, strict=True):
+                pretrain(m, b, ds, data.support, epochs=max(cfg.pretrain.epochs, 1),
+                         batch_size=cfg.pretrain.batch_size, generator=g)
+        else:
+            sbases = bases
+        sel = sb.SampleLevelSelector(ds, len(names), hidden=sc.hidden, embed_dim=sc.embed_dim)
+        sel.fit(data.query, _probs(sbases, ds, data.query, bs), epochs=sc.epochs, batch_size=sc.batch_size,
+                lr=sc.lr, generator=g)
+        preds["sample_selector"] = sel.predict(data.test, _probs(sbases, ds, data.test, bs))
+        secs["sample_selector"] = time.perf_counter() - t0
+
+    variants = [("metaselector", ("base", "selector"), True)]
+    if cfg.simplified:
+        variants.append(("metaselector_simplified", ("selector",), cfg.meta.simplified_test_adapt))
+    for key, groups, test_adapt in variants:
+        t0 = time.perf_counter()
+        ms = MetaSelector(ds.spec, [copy.deepcopy(m) for m in bases], base_names=names,
+                          embed_dim=cfg.selector.embed_dim, hidden=cfg.selector.hidden,
+                          use_predictions=cfg.selector.use_predictions, use_history=cfg.selector.use_history)
+        res = meta_train(ms, data, cfg.meta, adapt_groups=groups, outer_groups=groups, generator=g,
+                         log=log)
+        rates = res.rates.as_dict() if test_adapt else None
+        preds[key] = torch.sigmoid(meta_test(ms, rates, data, cfg.meta)).numpy()
+        secs[key] = time.perf_counter() - t0
+        log(f"  {key}: meta-trained {cfg.meta.episodes} episodes in {res.seconds:.1f}s")
+
+    metrics = {k: {"auc": auc(y, p), "logloss": logloss(y, p)} for k, p in preds.items()}
+    ref = cfg.reference_model if cfg.reference_model in names else names[-1]
+    user_loss = {k: sb.per_user_logloss(preds[k], y, users) for k in ("metaselector", ref) if k in preds}
+    return SeedResult(seed, metrics, share, user_loss, secs)
+
+
+# --------------------------------------------------------------------------- a toy dataset
+def write_toy_dataset(out, *, n_users: int = 40, n_items: int = 60, rows_per_user: tuple[int, int] = (12, 30),
+                      max_hist_len: int = 5, seed: int = 0, newusers: int = 0) -> None:
+    """A small prepared directory in the MetaSelector layout (for tests, benchmarks and demos).
+
+    Labels follow a logistic model in which half the users click by item popularity and half by
+    genre taste, so that different base models suit different users. Per user, rows are in time
+    order: first 80% = train (75% ``ms_support`` / 25% ``ms_query``), last 20% = ``ms_test``.
+    With ``newusers`` > 0, that many extra users go to ``ms_newuser_train`` / ``ms_newuser_test``.
+    """
+    import json
+    from pathlib import Path
+
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    total_users = n_users + newusers
+    genres = [sorted(set(rng.integers(1, 7, size=rng.integers(1, 3)).tolist())) for _ in range(n_items)]
+    pl.DataFrame({"item_id": np.arange(1, n_items + 1), "genres": genres},
+                 schema={"item_id": pl.Int64, "genres": pl.List(pl.Int64)}).write_parquet(out / "items.parquet")
+    pl.DataFrame({"user_id": np.arange(1, total_users + 1), "gender": rng.integers(1, 3, total_users),
+                  "age": rng.integers(1, 8, total_users)}).write_parquet(out / "users.parquet")
+    pop = rng.normal(0, 1.2, n_items + 1)
+    taste = rng.normal(0, 1.5, (total_users + 1, 7))
+    kind = rng.integers(0, 2, total_users + 1)
+    splits: dict[str, list[dict]] = {k: [] for k in (SUPPORT, QUERY, TEST, NEW_TRAIN, NEW_TEST)}
+    for u in range(1, total_users + 1):
+        n = int(rng.integers(rows_per_user[0], rows_per_user[1] + 1))
+        items = rng.integers(1, n_items + 1, n)
+        g_score = np.array([taste[u, genres[i - 1]].mean() for i in items])
+        z = np.where(kind[u] == 0, pop[items], g_score) + rng.normal(0, 0.3, n)
+        labels = (rng.random(n) < 1 / (1 + np.exp(-2 * z))).astype(np.int64)
+        n_train = max(2, int(round(0.8 * n)))
+        n_sup = max(1, int(round(0.75 * n_train)))
+        n_train, n_sup = n_train + 1, n_sup + 1  # row 0 only seeds the history (no empty sessions)
+        for j in range(1, n):
+            lo = max(0, j - max_hist_len)
+            row = {"user_id": u, "hist_item_ids": items[lo:j].tolist(), "hist_labels": labels[lo:j].tolist(),
+                   "target_item_id": int(items[j]), "label": int(labels[j]), "ctx_weekday": int(rng.integers(1, 8)),
+                   "ctx_season": int(rng.integers(1, 5)), "timestamp": 1000 * u + j}
+            if u > n_users:
+                splits[NEW_TRAIN if j < n_train else NEW_TEST].append(row)
+            else:
+                splits[SUPPORT if j < n_sup else QUERY if j < n_train else TEST].append(row)
+    schema = {"user_id": pl.Int64, "hist_item_ids": pl.List(pl.Int64), "hist_labels": pl.List(pl.Int64),
+              "target_item_id": pl.Int64, "label": pl.Int64, "ctx_weekday": pl.Int64, "ctx_season": pl.Int64,
+              "timestamp": pl.Int64}
+    for name, rows in splits.items():
+        if name in (NEW_TRAIN, NEW_TEST) and not newusers:
+            continue
+        pl.DataFrame(rows, schema=schema).write_parquet(out / f"{name}.parquet")
+    meta = {"context_fields": [{"name": "weekday", "vocab_size": 8}, {"name": "season", "vocab_size": 5}],
+            "max_hist_len": max_hist_len, "protocol": "metaselector", "toy": True}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))

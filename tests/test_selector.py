@@ -1,0 +1,302 @@
+"""MetaSelector (WWW'20): the mixture model, its meta-training and the baselines/oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metactr.data.batch import Batch, FeatureSpec, Field
+from metactr.errors import ConfigError, DataError
+from metactr.eval.metrics import logloss
+from metactr.meta import selector_baselines as sb
+from metactr.meta.functional import MetaSGDRates, live_params
+from metactr.meta.selector import MetaSelector
+from metactr.meta.selector_train import (
+    BaseModelConfig,
+    MetaTrainConfig,
+    SelectorData,
+    SelectorExperiment,
+    UserIndex,
+    adapt,
+    meta_loss,
+    meta_test,
+    meta_train,
+    write_toy_dataset,
+)
+from metactr.models.base import build_model, objective
+
+SPEC = FeatureSpec(user=(Field("user_id", 6), Field("age", 4)), item=(Field("item_id", 9), Field("genre", 5, 2)),
+                   context=(Field("weekday", 8),), max_hist_len=3)
+
+
+def toy_batch(n: int = 7, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.randint(1, 5, (n, 3, 3), generator=g)
+    mask = torch.rand(n, 3, generator=g) > 0.3
+    return Batch(user=torch.randint(1, 4, (n, 2), generator=g), item=torch.randint(1, 5, (n, 3), generator=g),
+                 context=torch.randint(1, 8, (n, 1), generator=g), hist=hist * mask[..., None], hist_mask=mask,
+                 hist_label=torch.zeros(n, 3), label=(torch.rand(n, generator=g) > 0.5).float(),
+                 user_id=torch.randint(1, 4, (n,), generator=g))
+
+
+def tiny_selector(k: int = 2, spec: FeatureSpec = SPEC, seed: int = 0) -> MetaSelector:
+    torch.manual_seed(seed)
+    bases = [build_model("basic", spec, embed_dim=3, hidden=(4,), emb_init_std=0.3) for _ in range(k)]
+    return MetaSelector(spec, bases, embed_dim=3, hidden=(5,))
+
+
+# --------------------------------------------------------------------------- the model
+def test_mixture_weights_sum_to_one_and_mix_is_convex():
+    model = tiny_selector(3).eval()
+    b = toy_batch()
+    lam = model.weights(b)
+    assert lam.shape == (7, 3)
+    assert torch.all(lam >= 0)
+    torch.testing.assert_close(lam.sum(-1), torch.ones(7))
+    p_k = torch.sigmoid(model.base_logits(b))
+    p = torch.sigmoid(model(b).logit)
+    torch.testing.assert_close(p, (lam * p_k).sum(-1), atol=1e-6, rtol=1e-5)
+    assert torch.all(p >= p_k.min(-1).values - 1e-6) and torch.all(p <= p_k.max(-1).values + 1e-6)
+
+
+def test_one_base_model_reduces_to_it():
+    torch.manual_seed(1)
+    base = build_model("basic", SPEC, embed_dim=3, hidden=(4,), emb_init_std=0.5)
+    model = MetaSelector(SPEC, [base], hidden=(5,)).eval()
+    b = toy_batch()
+    torch.testing.assert_close(model(b).logit, base(b).logit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(objective(model, None, b)[0], objective(base, None, b)[0], atol=1e-6, rtol=1e-6)
+
+
+def test_mixture_logloss_is_the_bce_of_the_mix_and_stays_finite_at_extremes():
+    model = tiny_selector(2).eval()
+    b = toy_batch()
+    lam = model.weights(b)
+    p = (lam * torch.sigmoid(model.base_logits(b))).sum(-1)
+    loss, _ = objective(model, None, b)
+    assert float(loss.detach()) == pytest.approx(logloss(b.label, p.detach()), abs=1e-5)
+    with torch.no_grad():  # saturated base models: the log-space mix never gives inf/NaN
+        for m in model.base:
+            m.mlp.net[-1].bias.fill_(80.0)
+    assert torch.isfinite(objective(model, None, b)[0])
+
+
+def test_parameter_groups_split_base_and_selector():
+    model = tiny_selector(2)
+    groups = model.param_groups()
+    assert set(groups) == {"base", "selector"}
+    assert all(n.startswith("base.") for n in groups["base"]) and groups["base"]
+    assert all(n.startswith("selector.") for n in groups["selector"]) and groups["selector"]
+    with pytest.raises(ConfigError):
+        MetaSelector(SPEC, [])
+
+
+# --------------------------------------------------------------------------- inner step / meta-gradient
+@pytest.mark.parametrize("groups, moved", [(("base", "selector"), {"base", "selector"}), (("selector",), {"selector"})])
+def test_inner_step_moves_exactly_the_adapted_groups(groups, moved):
+    model = tiny_selector(2)
+    params = live_params(model)
+    names = model.params_in(*groups)
+    rates = MetaSGDRates(params, names, init=0.5).as_dict()
+    new = adapt(model, params, rates, toy_batch(), torch.ones(7), steps=1)
+    changed = {g for g, ns in model.param_groups().items()
+               for n in ns if not torch.equal(new[n].detach(), params[n].detach())}
+    assert changed == moved
+    for g in {"base", "selector"} - moved:  # untouched parameters are the very same tensors
+        assert all(new[n] is params[n] for n in model.params_in(g))
+
+
+def test_meta_gradient_matches_finite_differences_float64():
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = tiny_selector(2, seed=3)
+        params = live_params(model)
+        names = model.params_in("base", "selector")
+        rates = MetaSGDRates(params, names, init=0.3)
+        T = 2
+        sup = Batch(*(torch.stack([t, t2]) for t, t2 in zip(toy_batch(5, 1), toy_batch(5, 2), strict=True)))
+        qry = Batch(*(torch.stack([t, t2]) for t, t2 in zip(toy_batch(4, 3), toy_batch(4, 4), strict=True)))
+        sw, qw = torch.ones(T, 5), torch.ones(T, 4)
+        sw[1, 4] = 0.0
+
+        def f() -> torch.Tensor:  # the inner step needs autograd even inside the no_grad FD probes
+            with torch.enable_grad():
+                return meta_loss(model, params, rates.as_dict(), sup, qry, sw, qw, steps=1, first_order=False,
+                                 vectorize=True)
+
+        loss = f()
+        targets = [params["selector.mlp.net.0.weight"], params["base.0.mlp.net.0.weight"], rates.rates[0]]
+        grads = torch.autograd.grad(loss, targets)
+        eps = 1e-6
+        for t, g in zip(targets, grads, strict=True):
+            for idx in [(0, 0), (1, 2)] if t.dim() == 2 else [(0, 0)]:
+                idx = idx if t.dim() == 2 else (idx[0],)
+                with torch.no_grad():
+                    t[idx] += eps
+                    up = f().item()
+                    t[idx] -= 2 * eps
+                    down = f().item()
+                    t[idx] += eps
+                assert g[idx].item() == pytest.approx((up - down) / (2 * eps), rel=1e-4, abs=1e-8)
+        # the per-task loop and the vmap engine give the same loss
+        loop = meta_loss(model, params, rates.as_dict(), sup, qry, sw, qw, steps=1, first_order=False,
+                         vectorize=False)
+        assert float(loop.detach()) == pytest.approx(float(f().detach()), rel=1e-6)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+# --------------------------------------------------------------------------- data helpers
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ms_toy")
+    write_toy_dataset(d, n_users=24, n_items=30, seed=1, newusers=5)
+    return d
+
+
+def test_user_index_samples_rows_of_the_right_user(toy_dir):
+    data = SelectorData.load(toy_dir, disjoint=False)
+    idx = UserIndex.build(data.train)
+    pos = torch.arange(len(idx.users))
+    rows, w = idx.sample(pos, 6, torch.Generator().manual_seed(0))
+    assert rows.shape == w.shape and rows.shape[1] <= 6
+    uid = data.train.user_id[rows]
+    assert torch.all(uid == idx.users[pos][:, None])
+    for r, ww in zip(rows, w, strict=True):  # real rows are distinct
+        real = r[ww > 0]
+        assert len(real.unique()) == len(real) == int(ww.sum())
+    latest, lw = idx.sample(pos, 3, None, latest=True)
+    last = idx.rows[idx.starts + idx.counts - 1]
+    assert torch.all(latest[:, -1] == last)
+    assert torch.equal(idx.lookup(torch.tensor([10**6])), torch.tensor([-1]))
+
+
+def test_selector_data_bad_input(tmp_path, toy_dir):
+    with pytest.raises(DataError):
+        SelectorData.load(tmp_path / "absent")
+    (tmp_path / "x").mkdir()
+    import shutil
+    for f in ("users.parquet", "items.parquet", "meta.json", "ms_support.parquet"):
+        shutil.copy(toy_dir / f, tmp_path / "x" / f)
+    with pytest.raises(DataError, match="ms_query"):
+        SelectorData.load(tmp_path / "x")
+    with pytest.raises(DataError, match="disjoint"):
+        shutil.copy(toy_dir / "ms_query.parquet", tmp_path / "x")
+        shutil.copy(toy_dir / "ms_test.parquet", tmp_path / "x")
+        SelectorData.load(tmp_path / "x", disjoint=True)
+    data = SelectorData.load(toy_dir)  # the disjoint new-user splits are used when present
+    assert data.disjoint_test_users
+    assert not set(data.test.user_id.tolist()) & set(data.train.user_id.tolist())
+    small = SelectorData.load(toy_dir, disjoint=False, max_users=5)
+    assert len(small.train.user_id.unique()) == 5 and set(small.test.user_id.tolist()) <= set(small.train.user_id.tolist())
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    from metactr.config import validate
+
+    with pytest.raises(ConfigError, match="unknown key"):
+        validate(SelectorExperiment, {"meta": {"episodez": 3}})
+    with pytest.raises(ConfigError, match="inner_lr"):
+        validate(SelectorExperiment, {"meta": {"inner_lr": -1}})
+    cfg = SelectorExperiment()
+    assert [b.name for b in cfg.base_models] == ["lr", "fm", "ffm", "deepfm"]
+    assert cfg.selector.hidden == [200, 200, 200] and cfg.meta.users_per_episode == 10
+
+
+# --------------------------------------------------------------------------- meta-training / meta-test
+def _toy_cfg(episodes: int = 4) -> MetaTrainConfig:
+    return MetaTrainConfig(episodes=episodes, inner_lr=0.05, outer_lr=0.01, max_support=8, max_query=4, test_chunk=7)
+
+
+@pytest.mark.parametrize("groups", [("base", "selector"), ("selector",)])
+def test_meta_train_updates_outer_groups_and_rates(toy_dir, groups):
+    data = SelectorData.load(toy_dir, disjoint=False)
+    torch.manual_seed(0)
+    bases = [build_model("basic", data.ds.spec, embed_dim=3, hidden=(4,)) for _ in range(2)]
+    model = MetaSelector(data.ds.spec, bases, embed_dim=3, hidden=(6,))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = meta_train(model, data, _toy_cfg(), adapt_groups=groups, outer_groups=groups,
+                     generator=torch.Generator().manual_seed(0))
+    assert len(res.losses) == 4 and all(np.isfinite(res.losses))
+    for g, names in model.param_groups().items():
+        moved = any(not torch.equal(before[n], dict(model.named_parameters())[n]) for n in names)
+        assert moved == (g in groups)
+    assert any(not torch.all(r == 0.05) for r in res.rates.rates)  # Meta-SGD rates learn
+    assert all(torch.all(r >= 0) for r in res.rates.rates)
+    # meta-test: vmapped and looped adaptation agree; no adaptation = the plain model
+    cfg = _toy_cfg()
+    a = meta_test(model, res.rates.as_dict(), data, cfg)
+    b = meta_test(model, res.rates.as_dict(), data, cfg.model_copy(update={"vectorize": False}))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    plain = meta_test(model, None, data, cfg)
+    with torch.no_grad():
+        direct = model(data.ds.batch(data.test)).logit
+    torch.testing.assert_close(plain, direct, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a, plain)
+
+
+# --------------------------------------------------------------------------- baselines and oracles
+def _fake_preds(n: int = 400, k: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.5).astype(float)
+    P = np.clip(rng.beta(2, 2, (n, k)) * 0.6 + 0.4 * y[:, None] * rng.random((n, k)), 0.01, 0.99)
+    users = rng.integers(0, 25, n)
+    return P, y, users
+
+
+def test_oracles_bound_every_selector_on_the_same_predictions():
+    P, y, users = _fake_preds()
+    rng = np.random.default_rng(1)
+    ps, pu = sb.perfect_sample_selector(P, y), sb.perfect_user_selector(P, y, users)
+    ll_s, ll_u = logloss(y, ps), logloss(y, pu)
+    for k in range(P.shape[1]):  # every single model
+        assert ll_u <= logloss(y, P[:, k]) + 1e-12
+    for _ in range(20):  # every per-sample convex mix (any sample- or user-level soft selector)
+        w = rng.dirichlet(np.ones(P.shape[1]), size=P.shape[0])
+        assert ll_s <= logloss(y, sb.mix(P, w)) + 1e-12
+    for _ in range(20):  # every hard per-user choice
+        choice = rng.integers(0, P.shape[1], users.max() + 1)[users]
+        assert ll_u <= logloss(y, P[np.arange(len(y)), choice]) + 1e-12
+    share = sb.best_model_share(P, y, users, ["a", "b", "c", "d"])
+    assert sum(share.values()) == pytest.approx(1.0)
+    losses = sb.per_user_logloss(P[:, 0], y, users)
+    assert losses.shape == (np.unique(users).size,)
+    assert np.average(losses, weights=np.bincount(users)[np.unique(users)]) == pytest.approx(logloss(y, P[:, 0]))
+
+
+def test_sample_level_selector_learns_labels_and_mixes(toy_dir):
+    data = SelectorData.load(toy_dir, disjoint=False)
+    rng = np.random.default_rng(0)
+    y = data.query.label.numpy()
+    # model 0 is right on the query rows, model 1 is wrong: the classifier must learn to prefer 0
+    Pq = np.stack([np.where(y > 0, 0.9, 0.1), np.where(y > 0, 0.2, 0.8)], 1) + rng.normal(0, 0.01, (len(y), 2))
+    sel = sb.SampleLevelSelector(data.ds, 2, hidden=(16,), embed_dim=3)
+    hist = sel.fit(data.query, Pq, epochs=30, batch_size=64, lr=0.01, generator=torch.Generator().manual_seed(0))
+    assert hist[-1] < hist[0]
+    w = sel.weights(data.query, Pq)
+    np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-5)
+    assert w[:, 0].mean() > 0.8
+    p = sel.predict(data.query, Pq)
+    assert np.all(p >= Pq.min(1) - 1e-6) and np.all(p <= Pq.max(1) + 1e-6)
+
+
+def test_run_seed_produces_every_method_with_bounds(toy_dir):
+    from metactr.meta.selector_train import run_seed
+
+    data = SelectorData.load(toy_dir, disjoint=False)
+    cfg = SelectorExperiment(
+        base_models=[BaseModelConfig(name="lr", optimizer="ftrl", lr=0.05),
+                     BaseModelConfig(name="basic", hp={"embed_dim": 4, "hidden": [8]})],
+        pretrain={"epochs": 1, "batch_size": 64}, selector={"hidden": [8]},
+        meta={"episodes": 3, "max_support": 8, "max_query": 4, "inner_lr": 0.01},
+        sample_selector={"epochs": 1, "hidden": [8], "batch_size": 64}, reference_model="basic")
+    r = run_seed(cfg, data, 0)
+    assert set(r.metrics) == {"lr", "basic", "perfect_sample", "perfect_user", "sample_selector",
+                              "metaselector", "metaselector_simplified"}
+    best_ll = r.metrics["perfect_sample"]["logloss"]
+    assert all(best_ll <= m["logloss"] + 1e-9 for k, m in r.metrics.items() if k not in ("metaselector", "metaselector_simplified"))
+    assert r.metrics["perfect_user"]["logloss"] <= min(r.metrics["lr"]["logloss"], r.metrics["basic"]["logloss"])
+    assert set(r.user_loss) == {"metaselector", "basic"}
+    with pytest.raises(ConfigError):
+        run_seed(cfg.model_copy(update={"base_models": [cfg.base_models[0], cfg.base_models[0]]}), data, 0)
