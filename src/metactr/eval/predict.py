@@ -13,15 +13,17 @@ from metactr.data.prepared import PreparedDataset, Split
 from metactr.models.base import CTRModel
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_proba(model: CTRModel, dataset: PreparedDataset, split: Split | str, *,
                   params: Mapping[str, Tensor] | None = None, batch_size: int = 4096) -> np.ndarray:
     """Click probabilities for every sample of ``split`` (in order), model in eval mode."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
         outs = []
         for batch in dataset.iter_batches(split, batch_size):
+            batch = batch.to(device)
             out = model(batch) if params is None else functional_call(model, dict(params), (batch,))
             outs.append(torch.sigmoid(out.logit).float().cpu())
         return torch.cat(outs).numpy() if outs else np.zeros(0, dtype=np.float32)

@@ -1,7 +1,91 @@
-"""Commands of this concern (placeholder: filled in by its issue)."""
+"""``metactr models``, ``metactr train`` and ``metactr evaluate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+
+from metactr.errors import DataError
+
+
+def models_command() -> None:
+    """List the registered CTR models with their paper and parameter groups."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from metactr.data.batch import FeatureSpec, Field
+    from metactr.models.base import registry
+
+    spec = FeatureSpec(user=(Field("user_id", 4),), item=(Field("item_id", 4), Field("genre", 3, 2)),
+                       context=(Field("hour", 3),), max_hist_len=3)
+    table = Table("model", "paper", "parameter groups", "session")
+    for name, cls in registry().items():
+        try:  # groups of a tiny instance: the names, not the sizes, are what users choose from
+            groups = ", ".join(cls(spec).param_groups())
+        except Exception:  # a model that cannot be built on the toy spec still gets listed
+            groups = ", ".join(cls.param_group_prefixes)
+        table.add_row(name, cls.paper or (cls.__doc__ or "").strip().split("\n")[0], groups,
+                      "yes" if cls.uses_history else "no")
+    Console().print(table)
+
+
+def train_command(
+    config: Annotated[Path, typer.Argument(help="YAML training config (see configs/).")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: a.b=value (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+) -> None:
+    """Train a model as CONFIG says; runs unchanged under torchrun (DDP)."""
+    from metactr.train.config import load_train_config
+    from metactr.train.trainer import run_training
+
+    cfg = load_train_config(config, set_ or [])
+    results = run_training(cfg, resume=resume)
+    if results:
+        typer.echo(json.dumps(results["metrics"], indent=2))
+
+
+def evaluate_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.safetensors or .json, e.g. runs/x/best.safetensors).")],
+    data: Annotated[Path, typer.Option("--data", help="Prepared dataset directory.")],
+    split: Annotated[str, typer.Option("--split", help="Split name, e.g. test.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Also write the metrics JSON here (atomically).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8192,
+) -> None:
+    """Evaluate a checkpoint on a split: AUC, GAUC, LogLoss as JSON."""
+    from metactr.data.prepared import PreparedDataset
+    from metactr.train.checkpoint import load_model
+    from metactr.train.trainer import evaluate
+    from metactr.utils import write_json_atomic
+
+    model, meta = load_model(checkpoint)
+    opts = meta.get("data", {})
+    dataset = PreparedDataset(data, use_ids=opts.get("use_ids", True), max_hist_len=model.spec.max_hist_len)
+    check_spec(model.spec.to_dict(), dataset.spec.to_dict(), data)
+    metrics = {"checkpoint": str(checkpoint), "model": meta["model"], "data": str(data), "split": split,
+               **evaluate(model, dataset, split, batch_size=batch_size)}
+    if out is not None:
+        write_json_atomic(out, metrics)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+def check_spec(model_spec: dict, data_spec: dict, data_path: Path) -> None:
+    """The data must have the model's fields, and no id beyond the model's vocabularies."""
+    for group in ("user", "item", "context"):
+        m, d = model_spec[group], data_spec[group]
+        if [(f["name"], f["max_len"]) for f in m] != [(f["name"], f["max_len"]) for f in d]:
+            raise DataError(f"{group} fields {[f['name'] for f in d]} differ from the model's "
+                            f"{[f['name'] for f in m]}", path=data_path, field=group)
+        for fm, fd in zip(m, d, strict=True):
+            if fd["vocab_size"] > fm["vocab_size"]:
+                raise DataError(f"ids up to {fd['vocab_size'] - 1} exceed the model's vocabulary "
+                                f"({fm['vocab_size']})", path=data_path, field=f"{group}.{fm['name']}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this concern's commands to ``app``."""
+    app.command("models")(models_command)
+    app.command("train")(train_command)
+    app.command("evaluate")(evaluate_command)

@@ -1,0 +1,284 @@
+"""DeepFM and DIN: our trainer vs DeepCTR-Torch on identical synthetic data, in one run.
+
+    bash benchmarks/setup_bench_env.sh            # once: .bench-venv with torch 2.13 CPU + deepctr-torch
+    .venv/bin/python benchmarks/bench_ctr.py      # 1M rows, both models, both libraries
+
+Data (generated once, cached in ``runs/bench_ctr_data``; seeded): 1M training + 200k test rows
+shaped like ML-1M: 7 sparse fields (user_id 6040, gender 2, age 7, occupation 21, zip 3439 |
+item_id 3706, genre 18) and a 10-item history (item_id + genre of each, 1-10 valid items), labels
+from a known logistic model (user/item biases, user-item affinity, history-target affinity).
+Both libraries see the same features: DeepFM the 7 fields + the mean-pooled history (item_id,
+genre; embeddings shared with the target's, as DeepCTR's ``embedding_name``), DIN the 7 fields +
+target attention over the history. Embedding 16, DNN (256, 128), Adam lr 1e-3, batch 1024, one
+epoch, 2 threads, no regularisation (DeepCTR's default embedding L2 set to 0 to do the same work).
+DIN: attention MLP (64, 16) with Dice, unnormalised weights, ReLU DNN (DeepCTR's defaults).
+
+Each measurement runs in its own process (so peak RSS is per library and model): ours in the
+project venv, DeepCTR-Torch in ``.bench-venv``. Training throughput = rows / wall time of one
+epoch (shuffled); prediction throughput = test rows / wall time of predicting the test set with
+batch 1024; AUC on the test set after that epoch. Both workers run with ``OMP_WAIT_POLICY=PASSIVE``
+(``--omp-wait-policy``) so that a busy machine does not make spinning OpenMP threads stall. Results: printed, and written to
+``benchmarks/results/bench_ctr.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+USER_FIELDS = {"gender": 2, "age": 7, "occupation": 21, "zip": 3439}
+N_USERS, N_ITEMS, N_GENRES, HIST = 6040, 3706, 18, 10
+EMBED, DNN, BATCH, LR = 16, (256, 128), 1024, 1e-3
+DIN_ATT = (64, 16)
+
+
+# ----------------------------------------------------------------------------- data
+def generate(out: Path, rows: int, test_rows: int, seed: int = 0) -> None:
+    """Write the prepared layout (ours) and per-row arrays (DeepCTR) of one synthetic sample."""
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    k = 8
+    user_vec = rng.normal(size=(N_USERS + 1, k)) * 0.6
+    item_vec = rng.normal(size=(N_ITEMS + 1, k)) * 0.6
+    user_bias = rng.normal(size=N_USERS + 1) * 0.5
+    item_pop = rng.zipf(1.3, size=N_ITEMS + 1).clip(1, 10_000).astype(np.float64)
+    item_p = item_pop[1:] / item_pop[1:].sum()
+    item_bias = rng.normal(size=N_ITEMS + 1) * 0.8
+    users = {name: rng.integers(1, v + 1, N_USERS + 1) for name, v in USER_FIELDS.items()}
+    genre = rng.integers(1, N_GENRES + 1, N_ITEMS + 1)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"user_id": np.arange(1, N_USERS + 1), **{n: v[1:] for n, v in users.items()}}
+                 ).write_parquet(out / "users.parquet")
+    pl.DataFrame({"item_id": np.arange(1, N_ITEMS + 1), "genre": genre[1:]}).write_parquet(out / "items.parquet")
+    arrays = {}
+    for split, n in (("train", rows), ("test", test_rows)):
+        uid = rng.integers(1, N_USERS + 1, n)
+        iid = rng.choice(np.arange(1, N_ITEMS + 1), size=n, p=item_p)
+        hlen = rng.integers(1, HIST + 1, n)
+        hist = rng.choice(np.arange(1, N_ITEMS + 1), size=(n, HIST), p=item_p)
+        hist[np.arange(HIST)[None, :] >= hlen[:, None]] = 0
+        valid = hist > 0
+        hmean = (item_vec[hist] * valid[..., None]).sum(1) / hlen[:, None]
+        logit = (user_bias[uid] + item_bias[iid] + (user_vec[uid] * item_vec[iid]).sum(1)
+                 + 1.5 * (hmean * item_vec[iid]).sum(1) - 0.3)
+        label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(hlen)])
+        flat = hist[valid]
+        pl.DataFrame({
+            "user_id": uid, "target_item_id": iid, "label": label,
+            "hist_item_ids": _split_lists(flat, offsets),
+            "hist_labels": _split_lists(np.ones_like(flat), offsets),
+        }).write_parquet(out / f"{split}.parquet")
+        arrays[split] = {"user_id": uid, **{n: v[uid] for n, v in users.items()}, "item_id": iid,
+                         "genre": genre[iid], "hist_item_id": hist, "hist_genre": genre[hist] * valid,
+                         "seq_length": hlen, "label": label}
+    np.savez(out / "arrays.npz", **{f"{s}/{k}": v for s, d in arrays.items() for k, v in d.items()})
+    (out / "meta.json").write_text(json.dumps({"max_hist_len": HIST, "rows": rows, "test_rows": test_rows,
+                                               "seed": seed}))
+
+
+def _split_lists(flat: np.ndarray, offsets: np.ndarray):
+    import polars as pl
+
+    lens = np.diff(offsets)
+    return pl.Series("x", flat).to_frame().with_columns(
+        pl.Series("g", np.repeat(np.arange(lens.size), lens))).group_by("g", maintain_order=True
+                                                                           ).agg(pl.col("x"))["x"]
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    fork+exec, so a worker would report its parent's peak (the data generation) as its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------- our worker
+def run_ours(model_name: str, data: Path, threads: int, seed: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from metactr.data.prepared import PreparedDataset
+    from metactr.eval.metrics import auc
+    from metactr.eval.predict import predict_proba
+    from metactr.models.base import build_model
+    from metactr.train.optim import build_optimizer
+    from metactr.train.config import OptimConfig
+    from metactr.train.trainer import LossModule, _global_batch_sizes, train_epoch
+
+    torch.manual_seed(seed)
+    ds = PreparedDataset(data)
+    train, test = ds.split("train"), ds.split("test")
+    hp = {"embed_dim": EMBED, "hidden": DNN}
+    if model_name == "din":
+        hp.update(activation="relu", att_hidden=DIN_ATT, att_activation="dice", attention_mode="weights")
+    model = build_model(model_name, ds.spec, **hp)
+    opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=LR))
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    batches = ds.iter_batches(train, BATCH, shuffle=True, generator=gen)
+    loss_sum, rows = train_epoch(LossModule(model), opt, list(model.parameters()), batches,
+                                 _global_batch_sizes(len(train), BATCH, 1))
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prob = predict_proba(model, ds, test, batch_size=BATCH)
+    pred_s = time.perf_counter() - t0
+    return {"train_samples_per_s": rows / train_s, "train_s": train_s,
+            "predict_samples_per_s": len(test) / pred_s, "predict_s": pred_s,
+            "test_auc": auc(test.label.numpy(), prob), "train_loss": loss_sum / rows,
+            "n_params": sum(p.numel() for p in model.parameters()), "peak_rss_mb": _peak_rss_mb()}
+
+
+# ----------------------------------------------------------------------------- DeepCTR-Torch worker
+def run_deepctr(model_name: str, data: Path, threads: int, seed: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
+    from deepctr_torch.models import DIN, DeepFM
+    from sklearn.metrics import roc_auc_score
+
+    torch.manual_seed(seed)
+    z = np.load(data / "arrays.npz")
+    split = {s: {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(s + "/")} for s in ("train", "test")}
+    vocab = {"user_id": N_USERS + 1, **{n: v + 1 for n, v in USER_FIELDS.items()}, "item_id": N_ITEMS + 1,
+             "genre": N_GENRES + 1}
+    sparse = [SparseFeat(n, v, embedding_dim=EMBED) for n, v in vocab.items()]
+    hist = [VarLenSparseFeat(SparseFeat("hist_item_id", vocab["item_id"], embedding_dim=EMBED, embedding_name="item_id"),
+                             maxlen=HIST, combiner="mean", length_name="seq_length"),
+            VarLenSparseFeat(SparseFeat("hist_genre", vocab["genre"], embedding_dim=EMBED, embedding_name="genre"),
+                             maxlen=HIST, combiner="mean", length_name="seq_length")]
+    cols = sparse + hist
+    if model_name == "deepfm":
+        model = DeepFM(cols, cols, dnn_hidden_units=DNN, l2_reg_linear=0.0, l2_reg_embedding=0.0, l2_reg_dnn=0.0,
+                       dnn_dropout=0.0, init_std=1e-4, seed=seed, task="binary", device="cpu")
+    else:
+        model = DIN(cols, ["item_id", "genre"], dnn_hidden_units=DNN, dnn_activation="relu",
+                    att_hidden_size=DIN_ATT, att_activation="Dice", att_weight_normalization=False,
+                    l2_reg_dnn=0.0, l2_reg_embedding=0.0, dnn_dropout=0.0, init_std=1e-4, seed=seed,
+                    task="binary", device="cpu")
+    model.compile(torch.optim.Adam(model.parameters(), lr=LR), "binary_crossentropy", metrics=[])
+    names = [*vocab, "hist_item_id", "hist_genre", "seq_length"]
+    x_train = {n: split["train"][n] for n in names}
+    x_test = {n: split["test"][n] for n in names}
+    t0 = time.perf_counter()
+    model.fit(x_train, split["train"]["label"].astype(np.float32), batch_size=BATCH, epochs=1, verbose=0,
+              shuffle=True)
+    train_s = time.perf_counter() - t0
+    n_test = len(split["test"]["label"])
+    t0 = time.perf_counter()
+    prob = model.predict(x_test, batch_size=BATCH)
+    pred_s = time.perf_counter() - t0
+    n = len(split["train"]["label"])
+    return {"train_samples_per_s": n / train_s, "train_s": train_s,
+            "predict_samples_per_s": n_test / pred_s, "predict_s": pred_s,
+            "test_auc": float(roc_auc_score(split["test"]["label"], prob.reshape(-1))),
+            "n_params": sum(p.numel() for p in model.parameters()), "peak_rss_mb": _peak_rss_mb()}
+
+
+# ----------------------------------------------------------------------------- orchestration
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _worker(lib: str, model: str, data: Path, threads: int, seed: int, bench_python: str,
+            wait_policy: str | None) -> dict:
+    py = sys.executable if lib == "ours" else bench_python
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=str(ROOT / "src") if lib == "ours" else "")
+    if wait_policy:  # same for both libraries; must be set before torch starts its OpenMP pool
+        env["OMP_WAIT_POLICY"] = wait_policy
+    cmd = [py, str(Path(__file__).resolve()), "--worker", lib, "--models", model, "--data-dir", str(data),
+           "--threads", str(threads), "--seed", str(seed)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{lib}/{model} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--test-rows", type=int, default=200_000)
+    ap.add_argument("--models", nargs="+", default=["deepfm", "din"], choices=["deepfm", "din"])
+    ap.add_argument("--libs", nargs="+", default=["ours", "deepctr"], choices=["ours", "deepctr"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", type=Path, default=None)
+    ap.add_argument("--bench-python", default=str(ROOT / ".bench-venv" / "bin" / "python"))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_ctr.json")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", ""],
+                    help="OMP_WAIT_POLICY for both libraries ('' = leave unset). PASSIVE: idle OpenMP threads "
+                         "sleep instead of spinning, which keeps 2-thread runs from collapsing when other "
+                         "processes share the cores (10-30x slower steps otherwise, measured).")
+    ap.add_argument("--worker", choices=["ours", "deepctr"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:  # inside a measuring subprocess: print one JSON line
+        fn = run_ours if args.worker == "ours" else run_deepctr
+        print(json.dumps(fn(args.models[0], args.data_dir, args.threads, args.seed)))
+        return 0
+
+    data = args.data_dir or ROOT / "runs" / f"bench_ctr_data_{args.rows}_{args.test_rows}_{args.seed}"
+    if not (data / "arrays.npz").is_file():
+        t0 = time.perf_counter()
+        generate(data, args.rows, args.test_rows, args.seed)
+        print(f"generated {args.rows:,} + {args.test_rows:,} rows in {time.perf_counter() - t0:.1f}s -> {data}")
+    if "deepctr" in args.libs and not Path(args.bench_python).is_file():
+        raise SystemExit(f"{args.bench_python} not found: run benchmarks/setup_bench_env.sh first")
+
+    load_before = _load()
+    results: dict[str, dict[str, dict]] = {}
+    for model in args.models:
+        for lib in args.libs:
+            r = _worker(lib, model, data, args.threads, args.seed, args.bench_python, args.omp_wait_policy)
+            results.setdefault(model, {})[lib] = r
+            print(f"{model:7s} {lib:8s} train {r['train_samples_per_s']:>10,.0f}/s  predict "
+                  f"{r['predict_samples_per_s']:>10,.0f}/s  AUC {r['test_auc']:.4f}  peak RSS "
+                  f"{r['peak_rss_mb']:,.0f} MB", flush=True)
+    ratios = {}
+    for model, r in results.items():
+        if "ours" in r and "deepctr" in r:
+            o, d = r["ours"], r["deepctr"]
+            ratios[model] = {"train_speedup": o["train_samples_per_s"] / d["train_samples_per_s"],
+                             "predict_speedup": o["predict_samples_per_s"] / d["predict_samples_per_s"],
+                             "auc_diff": o["test_auc"] - d["test_auc"],
+                             "rss_ratio": o["peak_rss_mb"] / d["peak_rss_mb"]}
+            x = ratios[model]
+            print(f"{model:7s} ours/DeepCTR-Torch: training {x['train_speedup']:.2f}x (target >= 2.5), "
+                  f"prediction {x['predict_speedup']:.2f}x (target >= 3), AUC {x['auc_diff']:+.4f} "
+                  f"(target >= 0), peak RSS {x['rss_ratio']:.2f}x")
+    report = {
+        "command": "python benchmarks/bench_ctr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "rows": args.rows, "test_rows": args.test_rows, "threads": args.threads, "batch_size": BATCH,
+        "embed_dim": EMBED, "dnn": DNN, "seed": args.seed, "omp_wait_policy": args.omp_wait_policy or None,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_avg_before": load_before, "load_avg_after": _load()},
+        "results": results, "ratios": ratios,
+    }
+    sys.path.insert(0, str(ROOT / "src"))
+    from metactr.utils import write_json_atomic
+
+    write_json_atomic(args.out, report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The validated config of one training run (``metactr train CONFIG``).
+
+Every section forbids unknown keys; ``load_train_config`` reports a bad key or value as a
+one-line ``ConfigError`` naming the file and the key path. Paths may use ``~`` and
+``${METACTR_DATA}`` (default: ``../shared/datasets`` beside the project, see ``utils.data_root``).
+
+A config trains either on an already prepared directory (``data.prepared``) or straight from raw
+files (``data.dataset`` + ``data.raw_dir`` + ``data.protocol``): the prepared result is cached in
+``data.out`` (default ``<run out>/../_prepared/<dataset>-<protocol>``) and reused when the
+pipeline's config hash matches.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from metactr.config import StrictModel, load_config
+from metactr.errors import ConfigError
+from metactr.utils import data_root
+
+_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def expand_path(text: str) -> Path:
+    """Expand ``~`` and ``${VAR}``; ``${METACTR_DATA}`` falls back to ``utils.data_root()``."""
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        if name == "METACTR_DATA":
+            return str(data_root())
+        value = os.environ.get(name)
+        if value is None:
+            raise ConfigError(f"environment variable ${{{name}}} is not set (used in path '{text}')")
+        return value
+
+    return Path(_VAR.sub(sub, text)).expanduser()
+
+
+class DataConfig(StrictModel):
+    prepared: str | None = None  # a prepared directory (ml-1m-rml layout)
+    dataset: str | None = None  # or: raw dataset name for metactr.data.pipeline.prepare
+    raw_dir: str | None = None
+    protocol: Literal["rml", "random", "metaselector"] = "random"
+    out: str | None = None  # where the prepared data are cached
+    prepare: dict[str, Any] = Field(default_factory=dict)  # PrepareConfig overrides
+    train_split: str = "train"
+    valid_split: str | None = "valid"  # None: no validation (no early stopping, best = last)
+    test_split: str | None = "test"
+    use_ids: bool = True  # user_id/item_id as features
+    max_hist_len: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.prepared is None) == (self.dataset is None):
+            raise ValueError("give exactly one of data.prepared or data.dataset (+ data.raw_dir)")
+        if self.dataset is not None and self.raw_dir is None:
+            raise ValueError("data.dataset needs data.raw_dir")
+        return self
+
+
+class ModelConfig(StrictModel):
+    name: str = "basic"
+    params: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the model class
+
+
+class OptimConfig(StrictModel):
+    name: Literal["adam", "adagrad", "sgd", "ftrl"] = "adam"
+    lr: float = Field(1e-3, gt=0)  # FTRL: the learning-rate scale alpha
+    weight_decay: float = Field(0.0, ge=0)  # not used by FTRL (use l2)
+    momentum: float = Field(0.0, ge=0, lt=1)  # SGD only
+    beta: float = Field(1.0, ge=0)  # FTRL-Proximal beta
+    l1: float = Field(0.0, ge=0)  # FTRL-Proximal lambda_1
+    l2: float = Field(0.0, ge=0)  # FTRL-Proximal lambda_2
+    eps: float = Field(1e-8, gt=0)  # Adam / Adagrad
+
+
+class EarlyStoppingConfig(StrictModel):
+    patience: int | None = Field(2, ge=1)  # epochs without a better validation AUC; None = off
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(StrictModel):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    lr_decay: float = Field(1.0, gt=0, le=1)  # exponential: lr_e = lr * lr_decay**e
+    grad_clip: float | None = Field(None, gt=0)  # max global L2 norm of the gradient
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    eval_batch_size: int = Field(8192, ge=1)
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    seed: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch default
+    out: str = "runs/train"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    progress: bool = True  # Rich bar (also off when stderr is not a TTY or $CI is set)
+    tensorboard: bool = True  # when the tensorboard package is installed
+
+    @model_validator(mode="after")
+    def _device(self) -> TrainConfig:
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, auto, cuda or cuda:N, got '{self.device}'")
+        return self
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    return load_config(TrainConfig, path, overrides)
