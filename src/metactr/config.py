@@ -72,12 +72,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
-def validate(model_cls: type[M], data: dict[str, Any], *, source: str | Path | None = None) -> M:
+def validate(model_cls: type[M], data: dict[str, Any], *, source: str | Path | None = None,
+             prefix: str = "") -> M:
+    """``model_cls`` from ``data``; the first problem becomes a one-line ``ConfigError`` whose field
+    is the key path (under ``prefix`` when the data is a nested section of a larger config)."""
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        loc = ".".join([prefix] * bool(prefix) + [str(x) for x in err["loc"]]) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

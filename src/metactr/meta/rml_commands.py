@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import Field as PField
 
-from metactr.config import StrictModel, apply_overrides
+from metactr.config import StrictModel, load_config
 from metactr.errors import ConfigError, DataError
 from metactr.eval.metrics import mean_ci95
 from metactr.eval.report import fmt, fmt_ci, markdown_table, write_run
@@ -261,17 +261,7 @@ def render_markdown(res: dict) -> str:
 
 
 def load_reproduce_config(path: Path | None, overrides: list[str] | None) -> ReproduceConfig:
-    from pydantic import ValidationError
-
-    from metactr.config import read_yaml
-
-    data = read_yaml(path) if path else {}
-    data = apply_overrides(data, overrides)
-    try:
-        return ReproduceConfig.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(err["msg"], path=path, field=".".join(str(x) for x in err["loc"])) from None
+    return load_config(ReproduceConfig, path, overrides)
 
 
 def register(app: typer.Typer) -> None:

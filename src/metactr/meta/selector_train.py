@@ -41,6 +41,7 @@ from metactr.data.batch import Batch
 from metactr.data.prepared import PreparedDataset, Split
 from metactr.data.tasks import task_batch
 from metactr.errors import ConfigError, DataError
+from metactr.eval.predict import predict_proba
 from metactr.meta.functional import MetaSGDRates, inner_adapt, live_params, maml_outer_loss
 from metactr.meta.selector import MetaSelector
 from metactr.models.base import CTRModel, build_model, objective
@@ -290,18 +291,6 @@ def pretrain(model: CTRModel, b: BaseModelConfig, ds: PreparedDataset, split: Sp
     return history
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, ds: PreparedDataset, split: Split, batch_size: int = 4096,
-                   fn: Callable[[nn.Module, Batch], Tensor] | None = None) -> Tensor:
-    """Logits (or whatever ``fn(model, batch)`` returns) for every row of ``split``, in order."""
-    was = model.training
-    model.eval()
-    fn = fn or (lambda m, b: m(b).logit)
-    outs = [fn(model, b) for b in ds.iter_batches(split, batch_size)]
-    model.train(was)
-    return torch.cat(outs) if outs else torch.zeros(0)
-
-
 # --------------------------------------------------------------------------- the meta engine
 def adapt(model: CTRModel, params: Mapping[str, Tensor], rates: Mapping[str, Tensor],
           support: Batch, weight: Tensor, *, steps: int) -> dict[str, Tensor]:
@@ -453,7 +442,7 @@ class SeedResult:
 
 
 def _probs(models: Sequence[CTRModel], ds: PreparedDataset, split: Split, bs: int) -> np.ndarray:
-    return torch.sigmoid(torch.stack([predict_logits(m, ds, split, bs) for m in models], dim=1)).numpy()
+    return np.stack([predict_proba(m, ds, split, batch_size=bs) for m in models], axis=1)
 
 
 def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from metactr.config import dump_config
+from metactr.config import dump_config, validate
 from metactr.data.prepared import PreparedDataset
 from metactr.errors import ConfigError, DataError
 from metactr.eval.metrics import classification_metrics
@@ -67,12 +67,7 @@ def prepared_dir(data: DataConfig, run_out: str | Path) -> Path:
     from metactr.data.pipeline import PrepareConfig, prepare  # the data concern's API
 
     out = expand_path(data.out) if data.out else Path(run_out).parent / "prepared" / f"{data.dataset}-{data.protocol}"
-    try:
-        pcfg = PrepareConfig.model_validate({**data.prepare, "protocol": data.protocol})
-    except Exception as e:  # pydantic ValidationError: report it as a config error on data.prepare
-        first = getattr(e, "errors", lambda: [{"loc": (), "msg": str(e)}])()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        raise ConfigError(first["msg"], field=f"data.prepare.{loc}" if loc else "data.prepare") from None
+    pcfg = validate(PrepareConfig, {**data.prepare, "protocol": data.protocol}, prefix="data.prepare")
     return Path(prepare(data.dataset, expand_path(data.raw_dir), out, pcfg, force=False))
 
 
@@ -92,24 +87,13 @@ class LossModule(nn.Module):
         return (loss * scale if scale != 1.0 else loss), loss.detach()
 
 
-class _OnDevice:
-    """A dataset view whose batches live on ``device`` (predict_proba builds CPU batches)."""
-
-    def __init__(self, dataset: PreparedDataset, device: torch.device) -> None:
-        self.dataset, self.device = dataset, device
-
-    def iter_batches(self, *args, **kwargs):
-        for b in self.dataset.iter_batches(*args, **kwargs):
-            yield b.to(self.device)
-
-
 def evaluate(model: CTRModel, dataset: PreparedDataset, split: str, *, batch_size: int = 8192,
              device: torch.device | None = None) -> dict[str, float]:
     """AUC, LogLoss, GAUC (and n) of ``model`` on ``split``."""
-    device = device or next(model.parameters()).device
-    view = dataset if device.type == "cpu" else _OnDevice(dataset, device)
+    if device is not None:
+        model.to(device)
     s = dataset.split(split)
-    prob = predict_proba(model, view, s, batch_size=batch_size)  # type: ignore[arg-type]
+    prob = predict_proba(model, dataset, s, batch_size=batch_size)  # batches follow the model's device
     return finite_or_none(classification_metrics(s.label.numpy(), prob, s.user_id.numpy()))
 
 
