@@ -8,7 +8,7 @@ the valid session items of that field's vector. The mean is how MetaSelector's m
 feature); history fields share the item table, as DeepCTR's ``embedding_name`` sharing does, so
 that FM's ``<v_target, v_history>`` term is an item-item similarity.
 
-``lookup`` embeds several single-valued groups with one ``F.embedding`` call (one backward pass
+``lookup`` embeds several single-valued groups with one ``gather_rows`` call (one backward pass
 over the table instead of one per group); it computes exactly what ``FieldEmbedding`` does.
 """
 
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from metactr.data.batch import Batch, FeatureSpec
 from metactr.errors import ConfigError
-from metactr.models.layers import FieldEmbedding
+from metactr.models.layers import FieldEmbedding, gather_rows
 
 
 def check_hparams(model: str, *, embed_dim: int | None = None, hidden: tuple[int, ...] | list[int] | None = None,
@@ -63,7 +63,7 @@ def history_fields(embedding: FieldEmbedding, batch: Batch) -> Tensor:
 def lookup(embedding: FieldEmbedding, parts: list[tuple[Tensor, str]]) -> Tensor:
     """Field vectors of several ``(ids, group)`` parts, concatenated on the field axis.
 
-    When every field involved is single-valued, this is one ``F.embedding`` call (one backward
+    When every field involved is single-valued, this is one ``gather_rows`` call (one backward
     pass over the table instead of one per group).
     """
     parts = [(ids, g) for ids, g in parts if g in embedding.n_fields]
@@ -71,7 +71,7 @@ def lookup(embedding: FieldEmbedding, parts: list[tuple[Tensor, str]]) -> Tensor
         ids = torch.cat([i for i, _ in parts], dim=-1)
         offsets = torch.cat([getattr(embedding, f"{g}_offsets") for _, g in parts])
         weight = embedding.weight
-        return F.embedding(ids + offsets, weight) * (ids > 0).unsqueeze(-1).to(weight.dtype)
+        return gather_rows(weight, embedding.rows(ids, offsets)) * (ids > 0).unsqueeze(-1).to(weight.dtype)
     if not parts:
         raise ValueError("lookup needs at least one non-empty group")
     out = [embedding(ids, g) for ids, g in parts]

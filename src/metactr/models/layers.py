@@ -18,6 +18,16 @@ from metactr.data.batch import FeatureSpec, Field
 GROUPS = ("user", "item", "context")
 
 
+def gather_rows(weight: Tensor, idx: Tensor) -> Tensor:
+    """``weight[idx]`` as ``[*idx.shape, D]``: ``F.embedding`` without its backward.
+
+    ``index_select``'s backward is one ``index_add_`` into a zero table, measured 3.5x faster
+    on CPU than ``embedding_dense_backward`` (27k lookups into a 13k x 17 table: 0.47 vs
+    1.66 ms), and it supports double backward and ``vmap`` (per-task adapted tables) too.
+    """
+    return weight.index_select(-2, idx.reshape(-1)).unflatten(-2, idx.shape)
+
+
 class FieldEmbedding(nn.Module):
     """One embedding table for every field of every group (FuxiCTR's shared embedding layer).
 
@@ -50,13 +60,25 @@ class FieldEmbedding(nn.Module):
         self.n_fields = {g: len(spec.group(g)) for g in self.groups}
 
         self.single_valued = {g: all(f.max_len == 1 for f in spec.group(g)) for g in self.groups}
+        # Optional task-local table: when non-empty, ``weight`` holds only some rows and
+        # ``row_map[global row] -> local row``. Meta-learning swaps both in through
+        # ``functional_call`` so that an inner loop adapts [rows used by the task, D]
+        # instead of the whole table (same result: unused rows get zero gradient).
+        self.register_buffer("row_map", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    def rows(self, ids: Tensor, offsets: Tensor) -> Tensor:
+        """Rows of ``weight`` for slot ids (``ids + offsets``, remapped by ``row_map`` if set)."""
+        rows = ids + offsets
+        if self.row_map.shape[-1] > 0:
+            rows = self.row_map.index_select(0, rows.reshape(-1)).view_as(rows)
+        return rows
 
     def forward(self, ids: Tensor, group: str) -> Tensor:
         if group not in self.n_fields:
             return ids.new_zeros((*ids.shape[:-1], 0, self.dim), dtype=self.weight.dtype)
         offsets = getattr(self, f"{group}_offsets")
         mask = (ids > 0).to(self.weight.dtype)
-        emb = F.embedding(ids + offsets, self.weight) * mask.unsqueeze(-1)
+        emb = gather_rows(self.weight, self.rows(ids, offsets)) * mask.unsqueeze(-1)
         if self.single_valued[group]:
             return emb  # pooling would be the identity: skipping it is ~2.5x faster fwd+bwd
         pool = getattr(self, f"{group}_pool")
