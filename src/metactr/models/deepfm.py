@@ -42,7 +42,8 @@ class DeepFM(CTRModel):
 
     def forward(self, batch: Batch) -> ModelOutput:
         vw = flat_fields(self.embedding, batch, self.use_history)  # [B, F, D+1]
-        v, w = vw[..., :-1], vw[..., -1]
+        v, w = vw.split([vw.shape[-1] - 1, 1], dim=-1)  # split: one cat in backward, not two zero-fills
+        w = w.squeeze(-1)
         deep = self.mlp(v.flatten(-2)).squeeze(-1)
         logit = self.bias + w.sum(dim=-1) + fm_pairwise(v) + deep
         return ModelOutput(logit, self.no_aux(batch))

@@ -1,0 +1,68 @@
+"""The CPU fast paths compute exactly what the plain code computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metactr.models.layers as layers
+from metactr.data.prepared import Split
+from metactr.models.layers import TargetAttention, gather_rows
+
+
+@pytest.mark.parametrize("mode", ["weights", "softmax"])
+def test_packed_attention_equals_dense(monkeypatch, mode):
+    torch.manual_seed(0)
+    att = TargetAttention(8, (6, 4), mode=mode).double()
+    q = torch.randn(6, 8, dtype=torch.double, requires_grad=True)
+    k = torch.randn(6, 7, 8, dtype=torch.double, requires_grad=True)
+    mask = torch.rand(6, 7) < 0.4
+    mask[0] = False  # an empty session
+    mask[1] = True  # a full one
+    assert layers._packable(mask)
+
+    def run():
+        out, w = att(q, k, mask)
+        return (out, w, *torch.autograd.grad((out ** 2).sum() + w.sum(), [q, k, *att.parameters()]))
+
+    packed = run()
+    monkeypatch.setattr(layers, "_packable", lambda m: False)
+    dense = run()
+    for a, b in zip(packed, dense, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert packed[0][0].abs().sum() == 0  # the empty session attends to nothing
+
+
+def test_packing_is_off_inside_vmap_and_for_full_sessions():
+    assert not layers._packable(torch.ones(4, 5, dtype=torch.bool))
+    seen = []
+    torch.func.vmap(lambda m: seen.append(layers._packable(m)) or m.float())(torch.zeros(3, 4, 5, dtype=torch.bool))
+    assert seen == [False]
+
+
+def test_gather_rows_matches_embedding_with_double_backward():
+    torch.manual_seed(0)
+    w = torch.randn(11, 3, dtype=torch.double, requires_grad=True)
+    idx = torch.tensor([[0, 3, 3], [10, 1, 0]])
+    torch.testing.assert_close(gather_rows(w, idx), F.embedding(idx, w))
+    # second order: d/dw of ||d loss/dw||^2 agrees with F.embedding's
+    def gg(fn):
+        g, = torch.autograd.grad((fn(w, idx) ** 3).sum(), w, create_graph=True)
+        return torch.autograd.grad((g ** 2).sum(), w)[0]
+    torch.testing.assert_close(gg(gather_rows), gg(lambda w, i: F.embedding(i, w)))
+
+
+def test_packed_split_subset_equals_column_subset():
+    g = torch.Generator().manual_seed(0)
+    n, L = 9, 4
+    cols = dict(user_id=torch.randint(1, 5, (n,), generator=g), hist_ids=torch.randint(0, 7, (n, L), generator=g),
+                hist_len=torch.randint(0, L + 1, (n,), generator=g), hist_labels=torch.rand(n, L, generator=g),
+                target=torch.randint(1, 7, (n,), generator=g), label=torch.randint(0, 2, (n,), generator=g).float(),
+                context=torch.randint(0, 3, (n, 2), generator=g))
+    plain = Split("s", **cols)
+    packed = Split.packed("s", **cols)
+    for idx in (torch.tensor([3, 0, 8, 3]), slice(2, 6)):
+        a, b = plain.subset(idx), packed.subset(idx)
+        for name in cols:
+            torch.testing.assert_close(getattr(b, name), getattr(a, name))
