@@ -1,14 +1,18 @@
 """Meta-training throughput: the torch.func vmap engine against a per-task loop, same model and data.
 
     .venv/bin/python benchmarks/bench_meta.py --data ../shared/datasets/ml-1m-rml [--threads 2]
-        [--models rml,deepfm] [--steps 1,5] [--reps 5] [--epoch] [--out bench.json]
+        [--models rml,deepfm] [--steps 1,5] [--reps 5] [--epoch] [--adapt-emb] [--out bench.json]
 
 For each model: 32 user tasks x (20 support + 10 query rows) from ``cw_train``, second-order
 MAML on the model's adapted groups (RML: ``meta``, the subset its local step adapts; other
-models: every group but ``emb``). Three implementations of the same meta-gradient:
+models: every group but ``emb``; ``--adapt-emb`` adds the ``emb`` group, i.e. the embedding
+tables). Implementations of the same meta-gradient:
 
-* ``vmap``      ``maml_outer_loss(vectorize=True)``: all tasks' inner loops in one vmap;
-* ``loop-func`` ``maml_outer_loss(vectorize=False)``: torch.func, one task at a time;
+* ``vmap``      ``maml_outer_loss(vectorize=True)``: all tasks' inner loops in one vmap, adapted
+                embedding tables task-local (only the rows each task touches);
+* ``vmap-dense`` the same with ``local_tables=False``: every task carries a full copy of each
+                adapted table (only differs from ``vmap`` with ``--adapt-emb``);
+* ``loop-func`` ``maml_outer_loss(vectorize=False, local_tables=False)``: torch.func, one task at a time;
 * ``loop-l2l``  the way learn2learn/most reference code does it: per task, ``torch.autograd.grad``
                 with ``create_graph=True`` on the module's parameters, query loss backward, summed.
 
@@ -37,11 +41,12 @@ from metactr.meta.strategies import StrategyConfig, train
 from metactr.models.base import build_model, objective
 
 
-def adapted_names(model) -> list[str]:
+def adapted_names(model, adapt_emb: bool = False) -> list[str]:
     groups = model.param_groups()
+    emb = groups.get("emb", []) if adapt_emb else []
     if "meta" in groups and groups["meta"]:
-        return groups["meta"]
-    return [n for g, ns in groups.items() if g != "emb" for n in ns]
+        return groups["meta"] + emb
+    return [n for g, ns in groups.items() if g != "emb" for n in ns] + emb
 
 
 def l2l_loop_loss(model, tb, names, lr, steps) -> Tensor:
@@ -72,7 +77,7 @@ def time_impl(model, tbs, names, steps, impl: str, reps: int) -> float:
         else:
             loss = maml_outer_loss(model, live_params(model), tb.support, tb.query, names=names, lr=lr, steps=steps,
                                    support_weight=tb.support_weight, query_weight=tb.query_weight,
-                                   vectorize=impl == "vmap")
+                                   vectorize=impl.startswith("vmap"), local_tables=impl == "vmap")
             loss.backward()
         if i > 0:  # first call is warm-up
             times.append(time.perf_counter() - t0)
@@ -90,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--query", type=int, default=10)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--impls", default="vmap,loop-func,loop-l2l")
+    ap.add_argument("--impls", default="vmap,loop-func,loop-l2l",
+                    help="comma-separated subset of vmap,vmap-dense,loop-func,loop-l2l")
+    ap.add_argument("--adapt-emb", action="store_true", help="adapt the embedding group (emb) too")
     ap.add_argument("--epoch", action="store_true", help="also time one epoch of RML two-phase on --split")
     ap.add_argument("--epoch-fraction", type=float, default=1.0)
     ap.add_argument("--model-kw", default="{}", help='JSON {model: {kwarg: value}}, e.g. a smaller RML')
@@ -106,18 +113,26 @@ def main(argv: list[str] | None = None) -> int:
         tbs.append(tb)
         if len(tbs) > args.reps:
             break
-    report: dict = {"command": " ".join(sys.argv), "model_kw": json.loads(args.model_kw), "threads": args.threads, "load_before": os.getloadavg(),
+    report: dict = {"command": " ".join(sys.argv), "model_kw": json.loads(args.model_kw), "threads": args.threads,
+                    "adapt_emb": args.adapt_emb, "load_before": os.getloadavg(),
                     "tasks": args.tasks, "support": args.support, "query": args.query, "results": []}
     impls = args.impls.split(",")
+    unknown = [i for i in impls if i not in ("vmap", "vmap-dense", "loop-func", "loop-l2l")]
+    if unknown:
+        ap.error(f"unknown implementation(s) {unknown}")
     print(f"load average before: {os.getloadavg()}; threads={args.threads}")
-    print(f"{'model':8} {'steps':>5} " + " ".join(f"{i:>12}" for i in impls) + "   speed-up(vmap/loop)")
+    print(f"{'model':8} {'steps':>5} " + " ".join(f"{i:>12}" for i in impls)
+          + "   speed-up (vmap / each; dense vmap / loops)")
     for name in args.models.split(","):
         model = build_model(name, ds.spec, **json.loads(args.model_kw).get(name, {}))
         model.train()
-        names = adapted_names(model)
+        names = adapted_names(model, args.adapt_emb)
         for steps in [int(s) for s in args.steps.split(",")]:
             tps = {impl: time_impl(model, tbs, names, steps, impl, args.reps) for impl in impls}
             ratios = {k: tps["vmap"] / v for k, v in tps.items() if k != "vmap" and "vmap" in tps}
+            if "vmap-dense" in tps:
+                ratios.update({f"{k} (dense vmap)": tps["vmap-dense"] / v for k, v in tps.items()
+                               if k.startswith("loop")})
             report["results"].append({"model": name, "inner_steps": steps, "adapted": len(names),
                                       "tasks_per_s": tps, "speedup": ratios})
             print(f"{name:8} {steps:>5} " + " ".join(f"{tps[i]:>12.1f}" for i in impls) + "   "

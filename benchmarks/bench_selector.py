@@ -1,20 +1,30 @@
 """MetaSelector meta-training throughput: the vmap engine against a per-user loop, in one run.
 
-Both paths compute the same second-order Meta-SGD meta-gradient (``maml_outer_loss`` with
-``vectorize=True`` vs ``False``) on the same episodes: a MetaSelector over LR, FM, FFM and DeepFM
-(latent dim 10, DeepFM 256-256-256, selector 200-200-200), 10 users per episode, up to
-``--support`` / ``--query`` rows per user. Target: vmap >= 4x the loop.
+Every path computes the same second-order Meta-SGD meta-gradient (``maml_outer_loss``) on the
+same episodes: a MetaSelector over LR, FM, FFM and DeepFM (latent dim 10, DeepFM 256-256-256,
+selector 200-200-200), 10 users per episode, up to ``--support`` / ``--query`` rows per user,
+every parameter adapted (embedding tables included). Three paths:
+
+* ``loop``        per-user loop, dense tables (``vectorize=False, local_tables=False``): the reference;
+* ``vmap_dense``  all users in one vmap, every user carrying a full copy of every table;
+* ``vmap``        all users in one vmap with task-local tables (the default engine).
+
+Target: vmap >= 4x the loop.
 
     .venv/bin/python benchmarks/bench_selector.py --dataset ml-100k --data-dir ../shared/datasets/ml-100k
 
 Without the real data (or with ``--toy``) it runs on a generated toy dataset. Prints one JSON
-line with episodes/s of each path, the ratio, the machine load (``os.getloadavg``) and the
-command; report them with ``uptime`` when the machine is shared.
+line with episodes/s of each path, the ratios, the mean number of rows per local table against
+the full table, the machine load (``os.getloadavg``) and the command; report them with
+``uptime`` when the machine is shared. Pin it for indicative numbers:
+
+    taskset -c 1 .venv/bin/python benchmarks/bench_selector.py --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -37,9 +47,11 @@ def main() -> int:
     ap.add_argument("--query", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--first-order", action="store_true")
+    ap.add_argument("--paths", default="loop,vmap_dense,vmap", help="comma-separated subset of loop,vmap_dense,vmap")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from metactr.meta.functional import local_tables_default
     from metactr.meta.selector import MetaSelector
     from metactr.meta.selector_train import (MetaTrainConfig, SelectorData, SelectorExperiment,
                                              build_base_models, meta_train, write_toy_dataset)
@@ -61,31 +73,70 @@ def main() -> int:
     torch.manual_seed(0)
     bases = build_base_models(exp, data.ds)
 
-    def run(vectorize: bool) -> float:
-        model = MetaSelector(data.ds.spec, [b for b in bases], base_names=[b.name for b in exp.base_models])
+    paths = {"loop": (False, False), "vmap_dense": (True, False), "vmap": (True, True)}
+    chosen = [p for p in args.paths.split(",") if p]
+    unknown = [p for p in chosen if p not in paths]
+    if unknown:
+        ap.error(f"unknown path(s) {unknown}; choose from {list(paths)}")
+
+    def run(vectorize: bool, local: bool) -> tuple[float, float]:
+        # same initial weights and episodes for every path
+        model = MetaSelector(data.ds.spec, [copy.deepcopy(b) for b in bases],
+                             base_names=[b.name for b in exp.base_models])
         cfg = MetaTrainConfig(episodes=args.warmup, users_per_episode=args.users, max_support=args.support,
                               max_query=args.query, vectorize=vectorize, first_order=args.first_order)
         gen = torch.Generator().manual_seed(0)
-        meta_train(model, data, cfg, adapt_groups=("base", "selector"), outer_groups=("base", "selector"),
-                   generator=gen)
-        cfg = cfg.model_copy(update={"episodes": args.episodes})
-        t0 = time.perf_counter()
-        meta_train(model, data, cfg, adapt_groups=("base", "selector"), outer_groups=("base", "selector"),
-                   generator=gen)
-        return args.episodes / (time.perf_counter() - t0)
+        with local_tables_default(local):
+            meta_train(model, data, cfg, adapt_groups=("base", "selector"), outer_groups=("base", "selector"),
+                       generator=gen)
+            cfg = cfg.model_copy(update={"episodes": args.episodes})
+            t0, c0 = time.perf_counter(), time.process_time()
+            meta_train(model, data, cfg, adapt_groups=("base", "selector"), outer_groups=("base", "selector"),
+                       generator=gen)
+        # wall clock, and this process's CPU time (less sensitive to a loaded machine)
+        return args.episodes / (time.perf_counter() - t0), args.episodes / (time.process_time() - c0)
 
     load_before = os.getloadavg()
-    loop = run(False)
-    vmap = run(True)
-    print(json.dumps({
+    timed = {p: run(*paths[p]) for p in chosen}
+    eps = {p: w for p, (w, _) in timed.items()}
+    cpu = {p: c for p, (_, c) in timed.items()}
+    report = {
         "benchmark": "metaselector meta-training (second order, Meta-SGD)" if not args.first_order
         else "metaselector meta-training (first order)",
         "data": source, "users_per_episode": args.users, "support": args.support, "query": args.query,
-        "threads": args.threads, "episodes_per_s_loop": round(loop, 3), "episodes_per_s_vmap": round(vmap, 3),
-        "speedup": round(vmap / loop, 2), "target": 4.0, "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg(), "command": " ".join([sys.executable, *sys.argv]),
-    }))
+        "threads": args.threads, **{f"episodes_per_s_{p}": round(v, 3) for p, v in eps.items()},
+        **{f"cpu_episodes_per_s_{p}": round(v, 3) for p, v in cpu.items()},
+    }
+    for key, val in (("", eps), ("cpu_", cpu)):
+        if "loop" in val:
+            report.update({f"{key}speedup_{p}_over_loop": round(v / val["loop"], 2)
+                           for p, v in val.items() if p != "loop"})
+        if "vmap" in val and "vmap_dense" in val:
+            report[f"{key}speedup_local_over_dense_vmap"] = round(val["vmap"] / val["vmap_dense"], 2)
+    report.update({"table_rows": table_rows(data, bases, args), "target": 4.0, "loadavg_before": load_before,
+                   "loadavg_after": os.getloadavg(), "command": " ".join([sys.executable, *sys.argv])})
+    print(json.dumps(report))
     return 0
+
+
+def table_rows(data, bases, args) -> dict:
+    """Mean rows per task-local table over a few episodes, against the full table's rows."""
+    from metactr.data.tasks import task_batch
+    from metactr.meta.local_tables import task_rows, unique_rows
+    from metactr.meta.selector_train import UserIndex
+
+    emb = next(m for b in bases for m in b.modules() if type(m).__name__ == "FieldEmbedding")
+    sup_idx, qry_idx = UserIndex.build(data.support), UserIndex.build(data.query)
+    users = sup_idx.users[qry_idx.lookup(sup_idx.users) >= 0]
+    gen = torch.Generator().manual_seed(0)
+    sizes = []
+    for _ in range(5):
+        pick = users[torch.randperm(len(users), generator=gen)[: args.users]]
+        s_rows, _ = sup_idx.sample(sup_idx.lookup(pick), args.support, gen)
+        q_rows, _ = qry_idx.sample(qry_idx.lookup(pick), args.query, gen)
+        batches = [task_batch(data.ds, data.support, s_rows), task_batch(data.ds, data.query, q_rows)]
+        sizes.append(unique_rows(task_rows(emb, batches), emb.weight.shape[0])[0].shape[1])
+    return {"local_U_mean": sum(sizes) / len(sizes), "full_V": int(emb.weight.shape[0])}
 
 
 if __name__ == "__main__":

@@ -9,22 +9,47 @@ so that ``vmap`` can run the inner loops of all tasks of a meta-batch at once.
 Tasks in a meta-batch are padded to a common size (``metactr.data.tasks.pad_tasks``); padded
 rows carry weight 0, so they influence neither the inner nor the outer loss.
 
+Adapted embedding tables are task-local by default (``metactr.meta.local_tables``): each task
+adapts only the rows its support and query batches touch, which gives the same meta-gradient as
+adapting the whole table without ``[T, V, D]`` per-task copies. ``local_tables=False`` (or
+``with local_tables_default(False):``) forces the dense path.
+
 Written from the papers (Finn et al. 2017, MAML; Li et al. 2017, Meta-SGD; Nichol et al. 2018,
 Reptile); no learn2learn/higher.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import functional_call, grad, vmap
 
 from metactr.data.batch import Batch
+from metactr.meta.local_tables import LocalPlan, localise, plan_local_tables, with_task_dim
 from metactr.models.base import CTRModel, objective
 
 LearningRate = float | Mapping[str, Tensor]
+
+_LOCAL_TABLES: ContextVar[bool] = ContextVar("metactr_local_tables", default=True)
+
+
+@contextmanager
+def local_tables_default(enabled: bool) -> Iterator[None]:
+    """Within the block, ``maml_outer_loss``/``fast_adapt`` called with ``local_tables=None``
+    (their default) use task-local tables iff ``enabled`` (benchmarks, A/B checks)."""
+    token = _LOCAL_TABLES.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _LOCAL_TABLES.reset(token)
+
+
+def _use_local(flag: bool | None) -> bool:
+    return _LOCAL_TABLES.get() if flag is None else bool(flag)
 
 
 def live_params(model: nn.Module) -> dict[str, Tensor]:
@@ -82,12 +107,15 @@ def _ones_weight(b: Batch) -> Tensor:
 def maml_outer_loss(model: CTRModel, params: Mapping[str, Tensor], support: Batch, query: Batch, *,
                     names: Sequence[str], lr: LearningRate, steps: int = 1, first_order: bool = False,
                     support_weight: Tensor | None = None, query_weight: Tensor | None = None,
-                    vectorize: bool = True) -> Tensor:
+                    vectorize: bool = True, local_tables: bool | None = None) -> Tensor:
     """Mean over tasks of the query loss after ``inner_adapt`` on each task's support set.
 
     ``support``/``query`` carry a leading task dimension ``[T, S, ...]`` / ``[T, Q, ...]``;
     the weights ``[T, S]`` / ``[T, Q]`` mask padded rows. ``vectorize=True`` runs all tasks
     in one ``vmap`` (same result as the per-task loop, which ``vectorize=False`` runs).
+    ``local_tables`` (default: on, see ``local_tables_default``) adapts per task only the rows
+    of the adapted embedding tables that the task touches (same meta-gradient, see
+    ``metactr.meta.local_tables``; tables where that would not be exact stay dense).
     Call ``.backward()`` on the result to get the meta-gradient in ``params``' ``.grad``.
     """
     if support.label.dim() != 2 or query.label.dim() != 2:
@@ -97,24 +125,30 @@ def maml_outer_loss(model: CTRModel, params: Mapping[str, Tensor], support: Batc
     sw = _ones_weight(support) if support_weight is None else support_weight
     qw = _ones_weight(query) if query_weight is None else query_weight
     params = dict(params)
+    names = _check_names(params, names)
+    plan = plan_local_tables(model, names, [support, query], params) if _use_local(local_tables) else None
 
-    def task_loss(s: Batch, q: Batch, s_w: Tensor, q_w: Tensor) -> Tensor:
-        adapted = inner_adapt(model, params, s, names=names, lr=lr, steps=steps,
-                              first_order=first_order, weight=s_w)
-        return objective(model, adapted, q, q_w)[0]
+    def task_loss(t: int) -> Tensor:
+        p, rates = params, lr
+        if plan is not None:  # this task's rows of the adapted tables (see local_tables)
+            p, rates = localise(plan.select(t), params, lr, names)
+        adapted = inner_adapt(model, p, support.select(t), names=names, lr=rates, steps=steps,
+                              first_order=first_order, weight=sw[t])
+        return objective(model, adapted, query.select(t), qw[t])[0]
 
     if vectorize:
-        return _vectorized_outer_loss(model, params, support, query, sw, qw, names=list(names), lr=lr,
-                                      steps=steps, first_order=first_order)
-    else:
-        losses = torch.stack([task_loss(support.select(t), query.select(t), sw[t], qw[t])
-                              for t in range(support.label.shape[0])])
+        frozen = (plan_local_tables(model, [n for n in params if n not in names], [support, query], params)
+                  if _use_local(local_tables) else None)
+        return _vectorized_outer_loss(model, params, support, query, sw, qw, names=names, lr=lr,
+                                      steps=steps, first_order=first_order, plan=plan, frozen=frozen)
+    losses = torch.stack([task_loss(t) for t in range(support.label.shape[0])])
     return losses.mean()
 
 
 def _vectorized_outer_loss(model: CTRModel, params: dict[str, Tensor], support: Batch, query: Batch,
                            sw: Tensor, qw: Tensor, *, names: list[str], lr: LearningRate, steps: int,
-                           first_order: bool) -> Tensor:
+                           first_order: bool, plan: LocalPlan | None = None,
+                           frozen: LocalPlan | None = None) -> Tensor:
     """All tasks at once: per-task copies ``[T, ...]`` of the adapted parameters, the forward
     pass vmapped over tasks, and the inner gradients taken with plain autograd.
 
@@ -122,38 +156,115 @@ def _vectorized_outer_loss(model: CTRModel, params: dict[str, Tensor], support: 
     the stacked copies is exactly the stack of per-task gradients. Using autograd here instead
     of ``torch.func.grad`` inside ``vmap`` avoids functorch's grad-transform wrappers, which
     made the second-order backward ~1.5-2x slower than plain double backward on CPU.
+
+    With a ``plan``, each localised table's copies are the tasks' own rows ``[T, U, D]``
+    (``W.index_select``, so the meta-gradient reaches ``W``) and its ``row_map [T, V]`` goes in
+    as a per-task buffer; its Meta-SGD rates are gathered the same way. (Passing the copies
+    stacked ``[T * U, D]`` and unbatched was tried: vmap's ``index_select`` rule then expands
+    the stack to ``[T, T * U, D]`` and gathers from it, T times the work.)
     """
     _check_names(params, names)
     T = support.label.shape[0]
     shared = {n: t for n, t in params.items() if n not in names}
+    maps = plan.buffers() if plan is not None else {}
+    if frozen is not None:
+        # Tables that are *not* adapted go local too: under vmap, a lookup of a shared table
+        # with per-task ids has a per-task [T, V, D] gradient (zero-filled, then summed); with
+        # the task's rows gathered once outside vmap it is [T, U, D] (DeepFM MAML on ML-1M:
+        # most of a meta-step's time was those fills and copies).
+        for n in frozen.tables:
+            maps[n] = frozen.gather(n, shared.pop(n))
+        maps.update(frozen.buffers())
 
-    def task_loss(p: dict[str, Tensor], b: Batch, w: Tensor) -> Tensor:
-        return objective(model, {**shared, **p}, b, w)[0]
+    def task_loss(p: dict[str, Tensor], m: dict[str, Tensor], b: Batch, w: Tensor) -> Tensor:
+        return objective(model, {**shared, **m, **p}, b, w)[0]
 
     batched_loss = vmap(task_loss, randomness="different")
-    fast = {n: params[n].unsqueeze(0).expand(T, *params[n].shape) for n in names}
+    fast, rates = _task_copies(params, names, lr, T, plan)
     # constants (e.g. a finite-difference probe): the inner loop still needs gradients
     fast = {n: f if f.requires_grad else f.clone().requires_grad_(True) for n, f in fast.items()}
     for _ in range(steps):
-        loss = batched_loss(fast, support, sw).sum()
+        loss = batched_loss(fast, maps, support, sw).sum()
         grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=not first_order)
-        fast = {n: fast[n] - _rate(lr, n) * (g.detach() if first_order else g)
+        fast = {n: fast[n] - rates[n] * (g.detach() if first_order else g)
                 for n, g in zip(names, grads, strict=True)}
-    return batched_loss(fast, query, qw).mean()
+    return batched_loss(fast, maps, query, qw).mean()
+
+
+def _task_copies(params: Mapping[str, Tensor], names: list[str], lr: LearningRate, T: int,
+                 plan: LocalPlan | None) -> tuple[dict[str, Tensor], dict[str, Tensor | float]]:
+    """Per-task copies ``[T, ...]`` of the adapted parameters (a localised table: the task's own
+    rows ``[T, U, D]``) and the matching learning rates."""
+    rates = {n: _rate(lr, n) for n in names}
+    fast = {}
+    for n in names:
+        if plan is not None and n in plan:
+            fast[n] = plan.gather(n, params[n])
+            rates[n] = plan.gather_rate(n, rates[n], params[n].shape)
+        else:
+            fast[n] = params[n].unsqueeze(0).expand(T, *params[n].shape)
+    return fast, rates
+
+
+def adapt_and_predict(model: CTRModel, params: Mapping[str, Tensor], support: Batch, query: Batch, *,
+                      names: Sequence[str], lr: LearningRate, steps: int = 1,
+                      support_weight: Tensor | None = None, local_tables: bool | None = None) -> Tensor:
+    """Meta-test for a batch of T tasks in one call: adapt ``names`` on each task's support
+    (``[T, S, ...]``, weights ``[T, S]``) with ``steps`` SGD steps, no graph kept, and return
+    the adapted model's logits on that task's query rows, ``[T, Q]``.
+
+    Same numbers as ``vmap`` over tasks of ``inner_adapt`` + ``functional_call``, but vectorized
+    with plain autograd and, by default, task-local embedding tables: a chunk of users adapting
+    every table no longer holds ``[T, V, D]`` copies of each table and its gradient.
+    """
+    if support.label.dim() != 2 or query.label.dim() != 2 or support.label.shape[0] != query.label.shape[0]:
+        raise ValueError("adapt_and_predict expects support/query with the same leading task dimension [T, S]")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    params = {n: t.detach() for n, t in params.items()}
+    names = _check_names(params, names)
+    lr = {n: r.detach() for n, r in lr.items()} if isinstance(lr, Mapping) else lr
+    sw = _ones_weight(support) if support_weight is None else support_weight
+    plan = plan_local_tables(model, names, [support, query], params) if _use_local(local_tables) else None
+    shared = {n: t for n, t in params.items() if n not in names}
+    maps = plan.buffers() if plan is not None else {}
+
+    def task_loss(p: dict[str, Tensor], m: dict[str, Tensor], b: Batch, w: Tensor) -> Tensor:
+        return objective(model, {**shared, **m, **p}, b, w)[0]
+
+    def task_logit(p: dict[str, Tensor], m: dict[str, Tensor], b: Batch) -> Tensor:
+        return functional_call(model, {**shared, **m, **p}, (b,)).logit
+
+    fast, rates = _task_copies(params, names, lr, support.label.shape[0], plan)
+    with torch.enable_grad():
+        for _ in range(steps):
+            fast = {n: f.detach().requires_grad_(True) for n, f in fast.items()}
+            loss = vmap(task_loss, randomness="different")(fast, maps, support, sw).sum()
+            grads = torch.autograd.grad(loss, [fast[n] for n in names], allow_unused=True)
+            fast = {n: fast[n].detach() - (0.0 if g is None else rates[n] * g)
+                    for n, g in zip(names, grads, strict=True)}
+    with torch.no_grad():
+        return vmap(task_logit, randomness="different")({n: f.detach() for n, f in fast.items()}, maps, query)
 
 
 def fast_adapt(model: CTRModel, support: Batch, *, names: Sequence[str] | None = None, lr: LearningRate,
                steps: int = 1, params: Mapping[str, Tensor] | None = None,
-               weight: Tensor | None = None) -> dict[str, Tensor]:
+               weight: Tensor | None = None, local_tables: bool | None = None) -> dict[str, Tensor]:
     """Adapt ``names`` (all parameters when None) with ``steps`` plain SGD steps on ``support``;
     no graph is kept. The primitive that fine-tuning, evaluation and serving share.
 
     Returns detached tensors for every parameter (the non-adapted ones are the originals,
-    detached), ready for ``functional_call`` or ``predict_proba(params=...)``.
+    detached), ready for ``functional_call`` or ``predict_proba(params=...)``. Adapted
+    embedding tables are adapted on the rows the support touches and written back into a copy
+    of the full table (``local_tables``, default on; the other rows are unchanged either way).
     """
     base = live_params(model) if params is None else dict(params)
     current = {n: t.detach() for n, t in base.items()}
     names = _check_names(current, list(current) if names is None else names)
+    plan = plan_local_tables(model, names, [with_task_dim(support)], current) if _use_local(local_tables) else None
+    if plan is not None:
+        full = current
+        current, lr = localise(plan, full, lr, names)
     with torch.enable_grad():
         for _ in range(steps):
             sub = {n: current[n].clone().requires_grad_(True) for n in names}
@@ -162,6 +273,10 @@ def fast_adapt(model: CTRModel, support: Batch, *, names: Sequence[str] | None =
             for n, g in zip(names, grads, strict=True):
                 if g is not None:
                     current[n] = (current[n] - torch.as_tensor(_rate(lr, n)).detach() * g).detach()
+    if plan is not None:
+        for n, lt in plan.tables.items():
+            current[n] = plan.scatter_back(n, full[n], current[n])
+            del current[lt.map_name]
     return current
 
 
