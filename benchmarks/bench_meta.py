@@ -8,10 +8,10 @@ MAML on the model's adapted groups (RML: ``meta``, the subset its local step ada
 models: every group but ``emb``; ``--adapt-emb`` adds the ``emb`` group, i.e. the embedding
 tables). Implementations of the same meta-gradient:
 
-* ``vmap``      ``maml_outer_loss(vectorize=True)``: all tasks' inner loops in one vmap, adapted
-                embedding tables task-local (only the rows each task touches);
-* ``vmap-dense`` the same with ``local_tables=False``: every task carries a full copy of each
-                adapted table (only differs from ``vmap`` with ``--adapt-emb``);
+* ``vmap``      ``maml_outer_loss(vectorize=True)``: all tasks' inner loops in one vmap, embedding
+                tables task-local (only the rows each task touches; adapted or not);
+* ``vmap-dense`` the same with ``local_tables=False``: every task looks up (and, with
+                ``--adapt-emb``, adapts) the full tables, so each lookup's gradient is ``[T, V, D]``;
 * ``loop-func`` ``maml_outer_loss(vectorize=False, local_tables=False)``: torch.func, one task at a time;
 * ``loop-l2l``  the way learn2learn/most reference code does it: per task, ``torch.autograd.grad``
                 with ``create_graph=True`` on the module's parameters, query loss backward, summed.
