@@ -298,5 +298,89 @@ def test_run_seed_produces_every_method_with_bounds(toy_dir):
     assert all(best_ll <= m["logloss"] + 1e-9 for k, m in r.metrics.items() if k not in ("metaselector", "metaselector_simplified"))
     assert r.metrics["perfect_user"]["logloss"] <= min(r.metrics["lr"]["logloss"], r.metrics["basic"]["logloss"])
     assert set(r.user_loss) == {"metaselector", "basic"}
+    for key in ("metaselector", "metaselector_simplified"):
+        st = r.selector_stats[key]
+        assert set(st["mean_weight"]) == {"lr", "basic"} and sum(st["mean_weight"].values()) == pytest.approx(1, abs=1e-3)
+        assert 0 <= st["entropy"] <= st["max_entropy"] + 1e-9
+        assert set(st["rates"]) == ({"base.0", "base.1", "selector"} if key == "metaselector" else {"selector"})
+    # Simplified never changes the base models; the full MetaSelector meta-trains them
+    assert r.selector_stats["metaselector_simplified"]["base_auc_after_meta"] == pytest.approx(
+        {k: r.metrics[k]["auc"] for k in ("lr", "basic")})
+    held_out = run_seed(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"meta_bases": "support"})}),
+                        data, 0)
+    assert held_out.metrics["lr"] == r.metrics["lr"]  # the single models do not change
+    # the selector starts from base models that never saw the query rows
+    assert held_out.selector_stats["metaselector_simplified"]["base_auc_after_meta"] != pytest.approx(
+        {k: r.metrics[k]["auc"] for k in ("lr", "basic")})
     with pytest.raises(ConfigError):
         run_seed(cfg.model_copy(update={"base_models": [cfg.base_models[0], cfg.base_models[0]]}), data, 0)
+
+
+# --------------------------------------------------------------------------- diagnostics and settings
+def test_forward_with_weights_gives_the_logit_and_log_lambda():
+    model = tiny_selector(3).eval()
+    b = toy_batch()
+    both = model(b, with_weights=True)
+    assert both.shape == (7, 4)
+    torch.testing.assert_close(both[:, 0], model(b).logit)
+    torch.testing.assert_close(both[:, 1:].exp(), model.weights(b))
+
+
+def test_lambda_stats_tell_a_uniform_mix_from_a_collapsed_or_per_user_one():
+    from metactr.meta.selector_train import lambda_stats, rate_stats
+
+    users = np.array([1, 1, 2, 2, 3, 3])
+    uni = lambda_stats(np.full((6, 4), 0.25), users, list("abcd"))
+    assert uni["entropy"] == pytest.approx(np.log(4)) and uni["max_entropy"] == pytest.approx(np.log(4))
+    assert all(v == 0 for v in uni["user_std"].values())
+    one = np.zeros((6, 4))
+    one[:, 2] = 1.0
+    col = lambda_stats(one, users, list("abcd"))
+    assert col["entropy"] == pytest.approx(0.0) and col["mean_weight"]["c"] == 1.0
+    assert col["user_argmax_share"] == {"a": 0.0, "b": 0.0, "c": 1.0, "d": 0.0}
+    per_user = np.zeros((6, 4))
+    per_user[[0, 1], 0] = per_user[[2, 3], 1] = per_user[[4, 5], 1] = 1.0
+    pu = lambda_stats(per_user, users, list("abcd"))
+    assert pu["user_std"]["a"] > 0.4 and pu["user_argmax_share"]["b"] == pytest.approx(2 / 3, abs=1e-4)
+    rates = {"base.0.w": torch.full((3,), 0.1), "base.1.w": torch.full((2,), 0.3), "selector.x": torch.zeros(4)}
+    assert rate_stats(rates, 2) == pytest.approx({"base.0": 0.1, "base.1": 0.3, "selector": 0.0})
+
+
+def test_meta_test_returns_every_column_of_a_wide_score(toy_dir):
+    from metactr.meta.selector_train import _score_with_weights
+
+    data = SelectorData.load(toy_dir, disjoint=False)
+    model = tiny_selector(2, spec=data.ds.spec)
+    rates = MetaSGDRates(live_params(model), model.params_in("base", "selector"), 0.05).as_dict()
+    cfg = _toy_cfg()
+    wide = meta_test(model, rates, data, cfg, score=_score_with_weights)
+    assert wide.shape == (len(data.test), 3)
+    torch.testing.assert_close(wide[:, 0], meta_test(model, rates, data, cfg), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wide[:, 1:].exp().sum(-1), torch.ones(len(data.test)))
+
+
+def test_ftrl_settings_reach_the_optimizer_and_beta_per_batch_learns_lr(toy_dir):
+    from metactr.meta.selector_train import _optimizer, base_epochs, pretrain
+    from metactr.train.optim import FTRL
+
+    data = SelectorData.load(toy_dir, disjoint=False)
+    b = BaseModelConfig(name="lr", optimizer="ftrl", lr=0.1, beta=1e-3, l1=0.01, l2=0.5, epochs=4)
+    opt = _optimizer(build_model("lr", data.ds.spec), b)
+    assert isinstance(opt, FTRL)
+    assert {k: opt.defaults[k] for k in ("lr", "beta", "l1", "l2")} == {"lr": 0.1, "beta": 1e-3, "l1": 0.01, "l2": 0.5}
+    assert base_epochs(SelectorExperiment(), b) == 4
+    assert base_epochs(SelectorExperiment(pretrain={"epochs": 3}), b.model_copy(update={"epochs": None})) == 3
+    with pytest.raises(ConfigError, match="beta"):
+        from metactr.config import validate
+        validate(SelectorExperiment, {"base_models": [{"name": "lr", "optimizer": "ftrl", "beta": -1}]})
+
+    def train_loss(beta: float) -> float:
+        torch.manual_seed(0)
+        m = build_model("lr", data.ds.spec)
+        cfg = BaseModelConfig(name="lr", optimizer="ftrl", lr=0.1, beta=beta)
+        return pretrain(m, cfg, data.ds, data.train, epochs=3, batch_size=64,
+                        generator=torch.Generator().manual_seed(0))[-1]
+
+    # FTRL on mean mini-batch gradients: beta = 1 (McMahan's per-sample value) barely moves the
+    # weights; beta = 1/batch is the per-sample beta = 1 and fits the data
+    assert train_loss(1.0 / 64) < train_loss(1.0) - 0.01

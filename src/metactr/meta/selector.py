@@ -108,8 +108,12 @@ class MetaSelector(CTRModel):
         log_q = torch.logsumexp(log_lam + F.logsigmoid(-z), dim=-1)
         return log_p - log_q, log_lam, z
 
-    def forward(self, batch: Batch) -> ModelOutput:
-        logit, _, _ = self.mixture(batch)
+    def forward(self, batch: Batch, *, with_weights: bool = False) -> ModelOutput | Tensor:
+        """The mixture's logit; ``with_weights=True`` gives ``[B, 1 + K]`` = (logit, log lambda),
+        so that one ``functional_call`` at adapted parameters yields both (meta-test logging)."""
+        logit, log_lam, _ = self.mixture(batch)
+        if with_weights:
+            return torch.cat([logit.unsqueeze(-1), log_lam], dim=-1)
         return ModelOutput(logit, self.no_aux(batch))
 
     def weights(self, batch: Batch) -> Tensor:

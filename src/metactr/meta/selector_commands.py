@@ -96,7 +96,10 @@ def aggregate(seed_results, base_names: list[str], *, dataset: str) -> dict[str,
         lo = ms["auc_diff_vs_best"] - (ms["auc_diff_vs_best_ci95"] if np.isfinite(ms["auc_diff_vs_best_ci95"]) else np.inf)
         goal = {"auc_ci_excludes_zero": bool(lo > 0), "relimpr_ge_paper": bool(ms["relimpr"] >= 3.04),
                 "met": bool(lo > 0 and ms["relimpr"] >= 3.04)}
+    stats = {k: [r.selector_stats[k] for r in seed_results if k in r.selector_stats]
+             for k in ("metaselector", "metaselector_simplified")}
     return {"best_single_model": best, "methods": rows, "best_model_share": share, "goal": goal,
+            "selector_stats": {k: v for k, v in stats.items() if v},
             "seeds": [r.seed for r in seed_results],
             "seconds_per_seed": [r.seconds for r in seed_results]}
 
@@ -107,6 +110,7 @@ def _pct(x: float | None) -> str:
 
 def render_markdown(res: dict[str, Any]) -> str:
     from metactr.eval.report import fmt, fmt_ci, markdown_table
+    from metactr.meta.selector_train import METHOD_LABELS
 
     ds = res["dataset"]
     lines = [f"# MetaSelector reproduction ({ds})", ""]
@@ -139,6 +143,19 @@ def render_markdown(res: dict[str, Any]) -> str:
                   for n, v in res["best_model_share"].items()]
     lines += ["## Table 1: share of users for whom each base model is best (lowest test LogLoss)", "",
               markdown_table(["Model", "ours", "paper (ML-1M)"], share_rows)]
+    sel_rows = []
+    for key, per_seed in (res.get("selector_stats") or {}).items():
+        st = per_seed[0]
+        weights = ", ".join(f"{n} {w:.3f}" for n, w in st["mean_weight"].items())
+        spread = ", ".join(f"{n} {w:.3f}" for n, w in st["user_std"].items())
+        sel_rows.append([METHOD_LABELS.get(key, key), weights,
+                         f"{st['entropy']:.3f} / {st['max_entropy']:.3f}", spread])
+    if sel_rows:
+        lines += ["## Selector weights on the test rows (first seed, after per-user adaptation)", "",
+                  "Entropy log K = a uniform mix, 0 = always one model; the per-user spread is the "
+                  "standard deviation across users of each user's mean weight (0 = no user-level selection).", "",
+                  markdown_table(["Variant", "mean lambda", "entropy / max", "per-user spread of lambda"],
+                                 sel_rows)]
     if res.get("kde_png"):
         lines += ["## Figure 3: per-user test LogLoss", "", f"![per-user loss KDE]({res['kde_png']})", ""]
     lines += [f"Command: `{res['command']}`  ", f"Wall time: {res['wall_s']:.0f} s"]

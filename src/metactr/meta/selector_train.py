@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -52,18 +52,40 @@ NEW_TRAIN, NEW_TEST = "ms_newuser_train", "ms_newuser_test"
 
 # --------------------------------------------------------------------------- configuration
 class BaseModelConfig(StrictModel):
-    """One base model: a registered model name, its hyper-parameters and how to pre-train it."""
+    """One base model: a registered model name, its hyper-parameters and how to pre-train it.
+
+    ``beta``/``l1``/``l2`` are FTRL's (McMahan et al. 2013); ``lr`` is its alpha. Our FTRL steps
+    on the *mean* gradient of a mini-batch, so McMahan's beta = 1 on per-sample gradients is
+    beta = 1 / batch_size here (w = -z / ((beta + sqrt(n)) / alpha) scales with the gradient
+    only while sqrt(n) << beta): with beta = 1 and batches of 1000, rare feature values barely
+    move and LR stays near the prior (AUC 0.65 on ML-1M instead of the paper's 0.79).
+    ``epochs`` None = ``pretrain.epochs``.
+    """
 
     name: str
     hp: dict[str, Any] = PField(default_factory=dict)
     optimizer: Literal["adam", "ftrl", "adagrad", "sgd"] = "adam"
     lr: float = PField(1e-3, gt=0)
+    beta: float = PField(1e-3, ge=0)
+    l1: float = PField(0.0, ge=0)
+    l2: float = PField(0.0, ge=0)
+    epochs: int | None = PField(None, ge=0)
 
 
 class PretrainConfig(StrictModel):
+    """Base-model pre-training (Algorithm 1, line 3).
+
+    ``meta_bases`` picks the rows that pre-train the base models MetaSelector starts from:
+    ``train`` (the paper: every user's whole training data, support + query) or ``support``
+    (ours: the support parts only, so that the query rows of meta-training are *held out* for
+    the base models, as the test rows are at meta-test; see docs/metaselector.md). The single
+    model baselines are always pre-trained on ``train``.
+    """
+
     enabled: bool = True
     epochs: int = PField(2, ge=0)
     batch_size: int = PField(1000, ge=1)
+    meta_bases: Literal["train", "support"] = "train"
 
 
 class SelectorNetConfig(StrictModel):
@@ -126,7 +148,7 @@ def default_base_models() -> list[BaseModelConfig]:
     The paper's "dropout setting 0.9" is TensorFlow's keep probability, i.e. dropout 0.1.
     """
     return [
-        BaseModelConfig(name="lr", optimizer="ftrl", lr=0.05),
+        BaseModelConfig(name="lr", optimizer="ftrl", lr=0.1, beta=1e-3),
         BaseModelConfig(name="fm", hp={"embed_dim": 10}),
         BaseModelConfig(name="ffm", hp={"embed_dim": 10}),
         BaseModelConfig(name="deepfm", hp={"embed_dim": 10, "hidden": [256, 256, 256], "dropout": 0.1}),
@@ -253,6 +275,11 @@ def build_base_models(cfg: SelectorExperiment, ds: PreparedDataset) -> list[CTRM
     return [build_model(b.name, ds.spec, **b.hp) for b in cfg.base_models]
 
 
+def base_epochs(cfg: SelectorExperiment, b: BaseModelConfig) -> int:
+    """Pre-training epochs of base model ``b``: its own, else the experiment's."""
+    return cfg.pretrain.epochs if b.epochs is None else b.epochs
+
+
 def _optimizer(model: nn.Module, b: BaseModelConfig) -> torch.optim.Optimizer:
     params = list(model.parameters())
     if b.optimizer == "adam":
@@ -263,7 +290,7 @@ def _optimizer(model: nn.Module, b: BaseModelConfig) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=b.lr)
     from metactr.train.optim import FTRL
 
-    return FTRL(params, lr=b.lr)
+    return FTRL(params, lr=b.lr, beta=b.beta, l1=b.l1, l2=b.l2)
 
 
 def pretrain(model: CTRModel, b: BaseModelConfig, ds: PreparedDataset, split: Split, *, epochs: int,
@@ -377,13 +404,21 @@ def meta_test(model: MetaSelector, rates: Mapping[str, Tensor] | None, data: Sel
     Users are processed in chunks of ``test_chunk`` sorted by their number of training rows (so
     padding stays small); each chunk is one vmapped adaptation. A user's adaptation set is their
     most recent ``test_max_support`` training rows. ``rates`` None or ``steps`` 0 = no adaptation.
-    Returns the mixture logit of every row of ``data.test``, in order.
+    Returns the mixture logit of every row of ``data.test``, in order (or, with a ``score``
+    that returns ``[rows, C]``, a ``[len(test), C]`` tensor: e.g. the logit and log lambda).
     """
     steps = cfg.test_steps if steps is None else steps
     model.eval()
     ds = data.ds
     test_idx, train_idx = UserIndex.build(data.test), UserIndex.build(data.test_train)
-    out = torch.zeros(len(data.test))
+    out: Tensor | None = None
+
+    def put(rows: Tensor, values: Tensor) -> None:
+        nonlocal out
+        if out is None:
+            out = torch.zeros((len(data.test), *values.shape[1:]), dtype=values.dtype)
+        out[rows] = values
+
     live = {n: p.detach() for n, p in model.named_parameters()}
     score = score or (lambda m, p, b: functional_call(m, dict(p), (b,)).logit)
     pos_train = train_idx.lookup(test_idx.users)
@@ -396,7 +431,7 @@ def meta_test(model: MetaSelector, rates: Mapping[str, Tensor] | None, data: Sel
         with torch.no_grad():
             for start in range(0, len(rows), 4096):
                 r = rows[start:start + 4096]
-                out[r] = score(model, live, ds.batch(data.test, r))
+                put(r, score(model, live, ds.batch(data.test, r)))
         if not steps or not rates:
             return out
     have = torch.nonzero(~no_train).flatten()
@@ -418,8 +453,8 @@ def meta_test(model: MetaSelector, rates: Mapping[str, Tensor] | None, data: Sel
             logits = torch.stack([one_task(Batch(*(t[i] for t in sup)), sw[i], Batch(*(t[i] for t in qry)))
                                   for i in range(len(chunk))])
         valid = qw > 0
-        out[q_rows[valid]] = logits.detach()[valid]
-    return out
+        put(q_rows[valid], logits.detach()[valid])
+    return out if out is not None else torch.zeros(len(data.test))
 
 
 # --------------------------------------------------------------------------- one seed, every method
@@ -439,6 +474,51 @@ class SeedResult:
     best_share: dict[str, float]  # base model -> share of users for whom it is best
     user_loss: dict[str, np.ndarray]  # method -> per-user test logloss (sorted users)
     seconds: dict[str, float]
+    selector_stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> lambda_stats etc.
+
+
+def lambda_stats(lam: np.ndarray, users: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """How much a selector actually selects, from its test weights ``lam`` [N, K].
+
+    ``mean_weight``: average lambda per base model; ``entropy``: mean per-row entropy of lambda
+    (log K = a uniform mix, 0 = one model); ``user_std``: spread across users of each user's
+    mean lambda (0 = every user gets the same mix, i.e. no user-level selection);
+    ``user_argmax_share``: share of users whose mean lambda is largest on each model.
+    """
+    lam = np.asarray(lam, dtype=np.float64)
+    from metactr.meta.selector_baselines import per_user_mean
+
+    _, per_user = per_user_mean(lam, users)
+    top = np.bincount(per_user.argmax(axis=1), minlength=len(names)) / max(len(per_user), 1)
+    ent = -(lam * np.log(np.clip(lam, 1e-12, None))).sum(axis=1)
+    return {"mean_weight": dict(zip(names, lam.mean(axis=0).round(4).tolist(), strict=True)),
+            "entropy": float(ent.mean()), "max_entropy": float(np.log(len(names))),
+            "user_std": dict(zip(names, per_user.std(axis=0).round(4).tolist(), strict=True)),
+            "user_argmax_share": dict(zip(names, top.round(4).tolist(), strict=True))}
+
+
+def rate_stats(rates: Mapping[str, Tensor], n_models: int) -> dict[str, float]:
+    """Mean learned Meta-SGD rate per parameter group (``base.<k>`` and ``selector``)."""
+    out = {}
+    for grp in [f"base.{k}" for k in range(n_models)] + ["selector"]:
+        v = [r.detach().flatten() for n, r in rates.items() if n.startswith(grp + ".")]
+        if v:
+            out[grp] = float(torch.cat(v).mean())
+    return out
+
+
+def _score_with_weights(model: CTRModel, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
+    return functional_call(model, dict(params), (batch,), {"with_weights": True})
+
+
+def _pretrained(cfg: SelectorExperiment, ds: PreparedDataset, split: Split,
+                g: torch.Generator) -> list[CTRModel]:
+    """Fresh base models pre-trained on ``split`` (at least one epoch each)."""
+    models = build_base_models(cfg, ds)
+    for m, b in zip(models, cfg.base_models, strict=True):
+        pretrain(m, b, ds, split, epochs=max(base_epochs(cfg, b), 1), batch_size=cfg.pretrain.batch_size,
+                 generator=g)
+    return models
 
 
 def _probs(models: Sequence[CTRModel], ds: PreparedDataset, split: Split, bs: int) -> np.ndarray:
@@ -465,7 +545,7 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
     bases = build_base_models(cfg, ds)
     if cfg.pretrain.enabled:
         for m, b in zip(bases, cfg.base_models, strict=True):
-            hist = pretrain(m, b, ds, data.train, epochs=cfg.pretrain.epochs,
+            hist = pretrain(m, b, ds, data.train, epochs=base_epochs(cfg, b),
                             batch_size=cfg.pretrain.batch_size, generator=g)
             log(f"  pre-trained {b.name}: train loss {hist[-1] if hist else float('nan'):.4f}")
     secs["pretrain"] = time.perf_counter() - t0
@@ -475,41 +555,55 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
     preds["perfect_user"] = sb.perfect_user_selector(P, y, users)
     share = sb.best_model_share(P, y, users, names)
 
+    sbases: list[CTRModel] | None = None  # base models pre-trained on the support parts only
     if cfg.sample_selector.enabled:
         t0 = time.perf_counter()
         sc = cfg.sample_selector
         if sc.refit_bases:  # as the paper: base models trained on the 75% part only
-            sbases = build_base_models(cfg, ds)
-            for m, b in zip(sbases, cfg.base_models, strict=True):
-                pretrain(m, b, ds, data.support, epochs=max(cfg.pretrain.epochs, 1),
-                         batch_size=cfg.pretrain.batch_size, generator=g)
-        else:
-            sbases = bases
+            sbases = _pretrained(cfg, ds, data.support, g)
+        sel_bases = sbases if sc.refit_bases else bases
         sel = sb.SampleLevelSelector(ds, len(names), hidden=sc.hidden, embed_dim=sc.embed_dim)
-        sel.fit(data.query, _probs(sbases, ds, data.query, bs), epochs=sc.epochs, batch_size=sc.batch_size,
+        sel.fit(data.query, _probs(sel_bases, ds, data.query, bs), epochs=sc.epochs, batch_size=sc.batch_size,
                 lr=sc.lr, generator=g)
-        preds["sample_selector"] = sel.predict(data.test, _probs(sbases, ds, data.test, bs))
+        preds["sample_selector"] = sel.predict(data.test, _probs(sel_bases, ds, data.test, bs))
         secs["sample_selector"] = time.perf_counter() - t0
 
+    meta_bases = bases
+    if cfg.pretrain.meta_bases == "support":  # query rows held out for the base models
+        if sbases is None:
+            sbases = _pretrained(cfg, ds, data.support, g)
+        meta_bases = sbases
+    stats: dict[str, dict[str, Any]] = {}
     variants = [("metaselector", ("base", "selector"), True)]
     if cfg.simplified:
         variants.append(("metaselector_simplified", ("selector",), cfg.meta.simplified_test_adapt))
     for key, groups, test_adapt in variants:
         t0 = time.perf_counter()
-        ms = MetaSelector(ds.spec, [copy.deepcopy(m) for m in bases], base_names=names,
+        ms = MetaSelector(ds.spec, [copy.deepcopy(m) for m in meta_bases], base_names=names,
                           embed_dim=cfg.selector.embed_dim, hidden=cfg.selector.hidden,
                           use_predictions=cfg.selector.use_predictions, use_history=cfg.selector.use_history)
         res = meta_train(ms, data, cfg.meta, adapt_groups=groups, outer_groups=groups, generator=g,
                          log=log)
         rates = res.rates.as_dict() if test_adapt else None
-        preds[key] = torch.sigmoid(meta_test(ms, rates, data, cfg.meta)).numpy()
+        out = meta_test(ms, rates, data, cfg.meta, score=_score_with_weights)
+        preds[key] = torch.sigmoid(out[:, 0]).numpy()
         secs[key] = time.perf_counter() - t0
-        log(f"  {key}: meta-trained {cfg.meta.episodes} episodes in {res.seconds:.1f}s")
+        # did meta-training move the base models' initialisation (no per-user adaptation)?
+        drift = {n: auc(y, p) for n, p in zip(names, _probs(list(ms.base), ds, data.test, bs).T, strict=True)}
+        stats[key] = {**lambda_stats(out[:, 1:].exp().numpy(), users, names),
+                      "rates": rate_stats(res.rates.as_dict(), len(names)),
+                      "base_auc_after_meta": drift,
+                      "query_loss_first_last": [float(np.mean(res.losses[:20])), float(np.mean(res.losses[-20:]))]
+                      if res.losses else []}
+        st = stats[key]
+        log(f"  {key}: meta-trained {cfg.meta.episodes} episodes in {res.seconds:.1f}s; test lambda "
+            f"{st['mean_weight']}, entropy {st['entropy']:.3f}/{st['max_entropy']:.3f}, "
+            f"user std {st['user_std']}; rates {st['rates']}")
 
     metrics = {k: {"auc": auc(y, p), "logloss": logloss(y, p)} for k, p in preds.items()}
     ref = cfg.reference_model if cfg.reference_model in names else names[-1]
     user_loss = {k: sb.per_user_logloss(preds[k], y, users) for k in ("metaselector", ref) if k in preds}
-    return SeedResult(seed, metrics, share, user_loss, secs)
+    return SeedResult(seed, metrics, share, user_loss, secs, stats)
 
 
 # --------------------------------------------------------------------------- a toy dataset
