@@ -152,11 +152,13 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
 def _packable(mask: Tensor) -> bool:
     """Whether attention may gather the valid positions of ``mask`` ([B, L]): a 2-D mask,
     outside any torch.func transform (``nonzero`` has a data-dependent shape, which vmap
-    cannot batch), with enough padding (>= 20%) for the gather to pay off."""
+    cannot batch), large enough and with enough padding (>= 30%) for the gather to pay off:
+    measured, DIN at batch 1024 with 1-10 session items gains; RML's two-phase training at
+    batch 128 lost ~10% with packing."""
     level = getattr(torch._C._functorch, "maybe_current_level", None)
-    if mask.dim() != 2 or level is None or level() is not None:
+    if mask.dim() != 2 or mask.numel() < 8192 or level is None or level() is not None:
         return False
-    return int(mask.sum()) <= 0.8 * mask.numel()
+    return int(mask.sum()) <= 0.7 * mask.numel()
 
 
 class TargetAttention(nn.Module):
