@@ -15,7 +15,6 @@ over the table instead of one per group); it computes exactly what ``FieldEmbedd
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metactr.data.batch import Batch, FeatureSpec
