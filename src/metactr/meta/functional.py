@@ -126,6 +126,10 @@ def maml_outer_loss(model: CTRModel, params: Mapping[str, Tensor], support: Batc
     qw = _ones_weight(query) if query_weight is None else query_weight
     params = dict(params)
     names = _check_names(params, names)
+    if vectorize:
+        plan, frozen = _plans(model, params, names, [support, query], local_tables)
+        return _vectorized_outer_loss(model, params, support, query, sw, qw, names=names, lr=lr,
+                                      steps=steps, first_order=first_order, plan=plan, frozen=frozen)
     plan = plan_local_tables(model, names, [support, query], params) if _use_local(local_tables) else None
 
     def task_loss(t: int) -> Tensor:
@@ -136,11 +140,6 @@ def maml_outer_loss(model: CTRModel, params: Mapping[str, Tensor], support: Batc
                               first_order=first_order, weight=sw[t])
         return objective(model, adapted, query.select(t), qw[t])[0]
 
-    if vectorize:
-        frozen = (plan_local_tables(model, [n for n in params if n not in names], [support, query], params)
-                  if _use_local(local_tables) else None)
-        return _vectorized_outer_loss(model, params, support, query, sw, qw, names=names, lr=lr,
-                                      steps=steps, first_order=first_order, plan=plan, frozen=frozen)
     losses = torch.stack([task_loss(t) for t in range(support.label.shape[0])])
     return losses.mean()
 
@@ -165,16 +164,7 @@ def _vectorized_outer_loss(model: CTRModel, params: dict[str, Tensor], support: 
     """
     _check_names(params, names)
     T = support.label.shape[0]
-    shared = {n: t for n, t in params.items() if n not in names}
-    maps = plan.buffers() if plan is not None else {}
-    if frozen is not None:
-        # Tables that are *not* adapted go local too: under vmap, a lookup of a shared table
-        # with per-task ids has a per-task [T, V, D] gradient (zero-filled, then summed); with
-        # the task's rows gathered once outside vmap it is [T, U, D] (DeepFM MAML on ML-1M:
-        # most of a meta-step's time was those fills and copies).
-        for n in frozen.tables:
-            maps[n] = frozen.gather(n, shared.pop(n))
-        maps.update(frozen.buffers())
+    shared, maps = _task_inputs(params, names, plan, frozen)
 
     def task_loss(p: dict[str, Tensor], m: dict[str, Tensor], b: Batch, w: Tensor) -> Tensor:
         return objective(model, {**shared, **m, **p}, b, w)[0]
@@ -189,6 +179,32 @@ def _vectorized_outer_loss(model: CTRModel, params: dict[str, Tensor], support: 
         fast = {n: fast[n] - rates[n] * (g.detach() if first_order else g)
                 for n, g in zip(names, grads, strict=True)}
     return batched_loss(fast, maps, query, qw).mean()
+
+
+def _plans(model: CTRModel, params: Mapping[str, Tensor], names: list[str], batches: list[Batch],
+           local_tables: bool | None) -> tuple[LocalPlan | None, LocalPlan | None]:
+    """Local-table plans for the adapted tables and for the tables that are not adapted."""
+    if not _use_local(local_tables):
+        return None, None
+    return (plan_local_tables(model, names, batches, params),
+            plan_local_tables(model, [n for n in params if n not in names], batches, params))
+
+
+def _task_inputs(params: Mapping[str, Tensor], names: list[str], plan: LocalPlan | None,
+                 frozen: LocalPlan | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(shared, per_task)``: the parameters every task shares, and the per-task ``[T, ...]``
+    inputs besides the adapted copies (row maps; the task's rows of tables *not* adapted).
+
+    Tables that are not adapted go local too: under vmap, a lookup of a shared table with
+    per-task ids has a per-task [T, V, D] gradient (zero-filled, then summed); with the task's
+    rows gathered once outside vmap it is [T, U, D]."""
+    shared = {n: t for n, t in params.items() if n not in names}
+    per_task = plan.buffers() if plan is not None else {}
+    if frozen is not None:
+        for n in frozen.tables:
+            per_task[n] = frozen.gather(n, shared.pop(n))
+        per_task.update(frozen.buffers())
+    return shared, per_task
 
 
 def _task_copies(params: Mapping[str, Tensor], names: list[str], lr: LearningRate, T: int,
@@ -225,9 +241,8 @@ def adapt_and_predict(model: CTRModel, params: Mapping[str, Tensor], support: Ba
     names = _check_names(params, names)
     lr = {n: r.detach() for n, r in lr.items()} if isinstance(lr, Mapping) else lr
     sw = _ones_weight(support) if support_weight is None else support_weight
-    plan = plan_local_tables(model, names, [support, query], params) if _use_local(local_tables) else None
-    shared = {n: t for n, t in params.items() if n not in names}
-    maps = plan.buffers() if plan is not None else {}
+    plan, frozen = _plans(model, params, names, [support, query], local_tables)
+    shared, maps = _task_inputs(params, names, plan, frozen)
 
     def task_loss(p: dict[str, Tensor], m: dict[str, Tensor], b: Batch, w: Tensor) -> Tensor:
         return objective(model, {**shared, **m, **p}, b, w)[0]

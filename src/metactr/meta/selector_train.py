@@ -511,13 +511,15 @@ def _score_with_weights(model: CTRModel, params: Mapping[str, Tensor], batch: Ba
     return functional_call(model, dict(params), (batch,), {"with_weights": True})
 
 
-def _pretrained(cfg: SelectorExperiment, ds: PreparedDataset, split: Split,
-                g: torch.Generator) -> list[CTRModel]:
-    """Fresh base models pre-trained on ``split`` (at least one epoch each)."""
+def _pretrained(cfg: SelectorExperiment, ds: PreparedDataset, split: Split, g: torch.Generator, *,
+                min_epochs: int = 1, log: Callable[[str], None] | None = None) -> list[CTRModel]:
+    """Fresh base models pre-trained on ``split`` (at least ``min_epochs`` epochs each)."""
     models = build_base_models(cfg, ds)
     for m, b in zip(models, cfg.base_models, strict=True):
-        pretrain(m, b, ds, split, epochs=max(base_epochs(cfg, b), 1), batch_size=cfg.pretrain.batch_size,
-                 generator=g)
+        hist = pretrain(m, b, ds, split, epochs=max(base_epochs(cfg, b), min_epochs),
+                        batch_size=cfg.pretrain.batch_size, generator=g)
+        if log is not None:
+            log(f"  pre-trained {b.name}: train loss {hist[-1] if hist else float('nan'):.4f}")
     return models
 
 
@@ -542,12 +544,8 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
     secs: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    bases = build_base_models(cfg, ds)
-    if cfg.pretrain.enabled:
-        for m, b in zip(bases, cfg.base_models, strict=True):
-            hist = pretrain(m, b, ds, data.train, epochs=base_epochs(cfg, b),
-                            batch_size=cfg.pretrain.batch_size, generator=g)
-            log(f"  pre-trained {b.name}: train loss {hist[-1] if hist else float('nan'):.4f}")
+    bases = (_pretrained(cfg, ds, data.train, g, min_epochs=0, log=log) if cfg.pretrain.enabled
+             else build_base_models(cfg, ds))
     secs["pretrain"] = time.perf_counter() - t0
     P = _probs(bases, ds, data.test, bs)
     preds: dict[str, np.ndarray] = {n: P[:, k] for k, n in enumerate(names)}
