@@ -15,19 +15,27 @@ DIN: attention MLP (64, 16) with Dice, unnormalised weights, ReLU DNN (DeepCTR's
 
 Each measurement runs in its own process (so peak RSS is per library and model): ours in the
 project venv, DeepCTR-Torch in ``.bench-venv``. Training throughput = rows / wall time of one
-epoch (shuffled); prediction throughput = test rows / wall time of predicting the test set with
-batch 1024; AUC on the test set after that epoch. Both workers run with ``OMP_WAIT_POLICY=PASSIVE``
+epoch (shuffled); prediction throughput = test rows / best wall time of 3 passes predicting the
+test set with batch 1024 (one pass is well under a second: a scheduling hiccup halves it); AUC on the test set after that epoch. Both workers run with ``OMP_WAIT_POLICY=PASSIVE``
 (``--omp-wait-policy``) so that a busy machine does not make spinning OpenMP threads stall. Results: printed, and written to
 ``benchmarks/results/bench_ctr.json``.
+
+``--device cuda`` (default ``cpu``) runs both libraries on the GPU: our model and batches on the
+device (the trainer's ``train_epoch``), DeepCTR-Torch with ``device='cuda:0'``; the clocks stop
+after ``torch.cuda.synchronize()``, and each worker also reports its peak GPU memory. A
+``PYTHONPATH`` set by the caller is passed on to both workers (after ``src`` for ours), e.g. a
+folder of extra packages on a machine without the venvs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -110,7 +118,7 @@ def _peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- our worker
-def run_ours(model_name: str, data: Path, threads: int, seed: int) -> dict:
+def run_ours(model_name: str, data: Path, threads: int, seed: int, device: str = "cpu") -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -123,30 +131,30 @@ def run_ours(model_name: str, data: Path, threads: int, seed: int) -> dict:
     from metactr.train.trainer import LossModule, _global_batch_sizes, train_epoch
 
     torch.manual_seed(seed)
+    dev = torch.device(device)
     ds = PreparedDataset(data)
     train, test = ds.split("train"), ds.split("test")
     hp = {"embed_dim": EMBED, "hidden": DNN}
     if model_name == "din":
         hp.update(activation="relu", att_hidden=DIN_ATT, att_activation="dice", attention_mode="weights")
-    model = build_model(model_name, ds.spec, **hp)
+    model = build_model(model_name, ds.spec, **hp).to(dev)
     opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=LR))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     batches = ds.iter_batches(train, BATCH, shuffle=True, generator=gen)
     loss_sum, rows = train_epoch(LossModule(model), opt, list(model.parameters()), batches,
-                                 _global_batch_sizes(len(train), BATCH, 1))
+                                 _global_batch_sizes(len(train), BATCH, 1), device=dev)
+    _sync(dev)
     train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    prob = predict_proba(model, ds, test, batch_size=BATCH)
-    pred_s = time.perf_counter() - t0
-    return {"train_samples_per_s": rows / train_s, "train_s": train_s,
+    prob, pred_s = _best_of(lambda: predict_proba(model, ds, test, batch_size=BATCH), dev)
+    return {**_device_facts(dev), "train_samples_per_s": rows / train_s, "train_s": train_s,
             "predict_samples_per_s": len(test) / pred_s, "predict_s": pred_s,
             "test_auc": auc(test.label.numpy(), prob), "train_loss": loss_sum / rows,
             "n_params": sum(p.numel() for p in model.parameters()), "peak_rss_mb": _peak_rss_mb()}
 
 
 # ----------------------------------------------------------------------------- DeepCTR-Torch worker
-def run_deepctr(model_name: str, data: Path, threads: int, seed: int) -> dict:
+def run_deepctr(model_name: str, data: Path, threads: int, seed: int, device: str = "cpu") -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -155,6 +163,8 @@ def run_deepctr(model_name: str, data: Path, threads: int, seed: int) -> dict:
     from sklearn.metrics import roc_auc_score
 
     torch.manual_seed(seed)
+    dev = torch.device(device)
+    dc_device = f"cuda:{dev.index or 0}" if dev.type == "cuda" else "cpu"  # DeepCTR compares strings
     z = np.load(data / "arrays.npz")
     split = {s: {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(s + "/")} for s in ("train", "test")}
     vocab = {"user_id": N_USERS + 1, **{n: v + 1 for n, v in USER_FIELDS.items()}, "item_id": N_ITEMS + 1,
@@ -167,45 +177,81 @@ def run_deepctr(model_name: str, data: Path, threads: int, seed: int) -> dict:
     cols = sparse + hist
     if model_name == "deepfm":
         model = DeepFM(cols, cols, dnn_hidden_units=DNN, l2_reg_linear=0.0, l2_reg_embedding=0.0, l2_reg_dnn=0.0,
-                       dnn_dropout=0.0, init_std=1e-4, seed=seed, task="binary", device="cpu")
+                       dnn_dropout=0.0, init_std=1e-4, seed=seed, task="binary", device=dc_device)
     else:
         model = DIN(cols, ["item_id", "genre"], dnn_hidden_units=DNN, dnn_activation="relu",
                     att_hidden_size=DIN_ATT, att_activation="Dice", att_weight_normalization=False,
                     l2_reg_dnn=0.0, l2_reg_embedding=0.0, dnn_dropout=0.0, init_std=1e-4, seed=seed,
-                    task="binary", device="cpu")
+                    task="binary", device=dc_device)
     model.compile(torch.optim.Adam(model.parameters(), lr=LR), "binary_crossentropy", metrics=[])
     names = [*vocab, "hist_item_id", "hist_genre", "seq_length"]
     x_train = {n: split["train"][n] for n in names}
     x_test = {n: split["test"][n] for n in names}
     t0 = time.perf_counter()
-    model.fit(x_train, split["train"]["label"].astype(np.float32), batch_size=BATCH, epochs=1, verbose=0,
-              shuffle=True)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepCTR prints; stdout carries our JSON line
+        model.fit(x_train, split["train"]["label"].astype(np.float32), batch_size=BATCH, epochs=1, verbose=0,
+                  shuffle=True)
+    _sync(dev)
     train_s = time.perf_counter() - t0
     n_test = len(split["test"]["label"])
-    t0 = time.perf_counter()
-    prob = model.predict(x_test, batch_size=BATCH)
-    pred_s = time.perf_counter() - t0
+    prob, pred_s = _best_of(lambda: model.predict(x_test, batch_size=BATCH), dev)
     n = len(split["train"]["label"])
-    return {"train_samples_per_s": n / train_s, "train_s": train_s,
+    return {**_device_facts(dev), "train_samples_per_s": n / train_s, "train_s": train_s,
             "predict_samples_per_s": n_test / pred_s, "predict_s": pred_s,
             "test_auc": float(roc_auc_score(split["test"]["label"], prob.reshape(-1))),
             "n_params": sum(p.numel() for p in model.parameters()), "peak_rss_mb": _peak_rss_mb()}
 
 
+def _best_of(fn, dev, reps: int = 3):
+    """(result, best wall time) of ``reps`` calls: one pass over 200k test rows takes well under
+    a second, so a single pass is at the mercy of this machine's scheduling hiccups."""
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _device_facts(dev) -> dict:
+    """The device a worker ran on and, on a GPU, its peak allocated memory."""
+    import torch
+
+    if dev.type != "cuda":
+        return {"device": "cpu"}
+    return {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+            "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20}
+
+
 # ----------------------------------------------------------------------------- orchestration
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median training throughput (all of a run's numbers stay together)."""
+    return sorted(runs, key=lambda r: r["train_samples_per_s"])[len(runs) // 2]
+
+
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
 def _worker(lib: str, model: str, data: Path, threads: int, seed: int, bench_python: str,
-            wait_policy: str | None) -> dict:
+            wait_policy: str | None, device: str = "cpu") -> dict:
     py = sys.executable if lib == "ours" else bench_python
+    inherited = os.environ.get("PYTHONPATH", "")
+    ours_path = os.pathsep.join(p for p in (str(ROOT / "src"), inherited) if p)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               PYTHONPATH=str(ROOT / "src") if lib == "ours" else "")
+               PYTHONPATH=ours_path if lib == "ours" else inherited)
     if wait_policy:  # same for both libraries; must be set before torch starts its OpenMP pool
         env["OMP_WAIT_POLICY"] = wait_policy
     cmd = [py, str(Path(__file__).resolve()), "--worker", lib, "--models", model, "--data-dir", str(data),
-           "--threads", str(threads), "--seed", str(seed)]
+           "--threads", str(threads), "--seed", str(seed), "--device", device]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{lib}/{model} failed:\n{proc.stderr[-3000:]}")
@@ -227,12 +273,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="OMP_WAIT_POLICY for both libraries ('' = leave unset). PASSIVE: idle OpenMP threads "
                          "sleep instead of spinning, which keeps 2-thread runs from collapsing when other "
                          "processes share the cores (10-30x slower steps otherwise, measured).")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default), cuda or cuda:N: where both libraries train and predict")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure each model this many times, the two libraries alternating in each round "
+                         "(ours first, then theirs first, ...); ratios = median of the per-round ratios")
     ap.add_argument("--worker", choices=["ours", "deepctr"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:  # inside a measuring subprocess: print one JSON line
         fn = run_ours if args.worker == "ours" else run_deepctr
-        print(json.dumps(fn(args.models[0], args.data_dir, args.threads, args.seed)))
+        print(json.dumps(fn(args.models[0], args.data_dir, args.threads, args.seed, args.device)))
         return 0
 
     data = args.data_dir or ROOT / "runs" / f"bench_ctr_data_{args.rows}_{args.test_rows}_{args.seed}"
@@ -245,28 +296,40 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = _load()
     results: dict[str, dict[str, dict]] = {}
+    rounds: dict[str, list[dict[str, dict]]] = {}
     for model in args.models:
-        for lib in args.libs:
-            r = _worker(lib, model, data, args.threads, args.seed, args.bench_python, args.omp_wait_policy)
-            results.setdefault(model, {})[lib] = r
-            print(f"{model:7s} {lib:8s} train {r['train_samples_per_s']:>10,.0f}/s  predict "
-                  f"{r['predict_samples_per_s']:>10,.0f}/s  AUC {r['test_auc']:.4f}  peak RSS "
-                  f"{r['peak_rss_mb']:,.0f} MB", flush=True)
+        for rep in range(args.repeat):
+            # alternate who goes first: a drift of the machine's speed then hits both libraries
+            libs = args.libs if rep % 2 == 0 else args.libs[::-1]
+            rounds.setdefault(model, []).append({})
+            for lib in libs:
+                r = _worker(lib, model, data, args.threads, args.seed, args.bench_python, args.omp_wait_policy,
+                            args.device)
+                rounds[model][-1][lib] = r
+                print(f"{model:7s} {lib:8s} train {r['train_samples_per_s']:>10,.0f}/s  predict "
+                      f"{r['predict_samples_per_s']:>10,.0f}/s  AUC {r['test_auc']:.4f}  peak RSS "
+                      f"{r['peak_rss_mb']:,.0f} MB", flush=True)
+        results[model] = {lib: _median_run([rd[lib] for rd in rounds[model]]) for lib in args.libs}
     ratios = {}
-    for model, r in results.items():
-        if "ours" in r and "deepctr" in r:
-            o, d = r["ours"], r["deepctr"]
-            ratios[model] = {"train_speedup": o["train_samples_per_s"] / d["train_samples_per_s"],
-                             "predict_speedup": o["predict_samples_per_s"] / d["predict_samples_per_s"],
-                             "auc_diff": o["test_auc"] - d["test_auc"],
-                             "rss_ratio": o["peak_rss_mb"] / d["peak_rss_mb"]}
+    for model, rds in rounds.items():
+        if "ours" in args.libs and "deepctr" in args.libs:
+            per_round = [{"train_speedup": rd["ours"]["train_samples_per_s"] / rd["deepctr"]["train_samples_per_s"],
+                          "predict_speedup": rd["ours"]["predict_samples_per_s"] / rd["deepctr"]["predict_samples_per_s"],
+                          "auc_diff": rd["ours"]["test_auc"] - rd["deepctr"]["test_auc"],
+                          "rss_ratio": rd["ours"]["peak_rss_mb"] / rd["deepctr"]["peak_rss_mb"]} for rd in rds]
+            ratios[model] = {k: statistics.median(x[k] for x in per_round) for k in per_round[0]}
+            ratios[model]["rounds"] = per_round
             x = ratios[model]
             print(f"{model:7s} ours/DeepCTR-Torch: training {x['train_speedup']:.2f}x (target >= 2.5), "
                   f"prediction {x['predict_speedup']:.2f}x (target >= 3), AUC {x['auc_diff']:+.4f} "
-                  f"(target >= 0), peak RSS {x['rss_ratio']:.2f}x")
+                  f"(target >= 0), peak RSS {x['rss_ratio']:.2f}x"
+                  + (f"  [median of {len(per_round)} rounds; training "
+                     + ", ".join(f"{r['train_speedup']:.2f}" for r in per_round) + "; prediction "
+                     + ", ".join(f"{r['predict_speedup']:.2f}" for r in per_round) + "]" if len(per_round) > 1 else ""))
     report = {
         "command": "python benchmarks/bench_ctr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "rows": args.rows, "test_rows": args.test_rows, "threads": args.threads, "batch_size": BATCH,
+        "rows": args.rows, "test_rows": args.test_rows, "threads": args.threads, "device": args.device,
+        "batch_size": BATCH, "repeat": args.repeat,
         "embed_dim": EMBED, "dnn": DNN, "seed": args.seed, "omp_wait_policy": args.omp_wait_policy or None,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_avg_before": load_before, "load_avg_after": _load()},

@@ -17,8 +17,11 @@ tables). Implementations of the same meta-gradient:
                 with ``create_graph=True`` on the module's parameters, query loss backward, summed.
 
 Reported: tasks/s (median of ``--reps`` timed meta-steps after a warm-up) and the vmap speed-up
-over each loop. ``--epoch`` also times one epoch of RML two-phase meta-training on ``cw_train``.
+over each loop. ``--epoch`` also times one epoch of RML two-phase meta-training on ``cw_train``, with each of
+``--epoch-threads`` (default 1 and 2; ``reproduce rml`` runs each job on 1 thread, jobs in parallel).
 The machine's load (``os.getloadavg``) is printed with the numbers: rerun on a quiet machine.
+``--device cuda`` (default ``cpu``) puts the model and the task batches on the GPU and stops each
+clock after ``torch.cuda.synchronize()``; ``--epoch`` stays on CPU (the strategies take no device).
 """
 
 from __future__ import annotations
@@ -66,7 +69,12 @@ def l2l_loop_loss(model, tb, names, lr, steps) -> Tensor:
     return torch.tensor(total)
 
 
-def time_impl(model, tbs, names, steps, impl: str, reps: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_impl(model, tbs, names, steps, impl: str, reps: int, device: torch.device = torch.device("cpu")) -> float:
     lr = 0.01
     times = []
     for i, tb in enumerate(tbs[: reps + 1]):
@@ -79,6 +87,7 @@ def time_impl(model, tbs, names, steps, impl: str, reps: int) -> float:
                                    support_weight=tb.support_weight, query_weight=tb.query_weight,
                                    vectorize=impl.startswith("vmap"), local_tables=impl == "vmap")
             loss.backward()
+        _sync(device)
         if i > 0:  # first call is warm-up
             times.append(time.perf_counter() - t0)
     return tb.support.label.shape[0] / statistics.median(times)
@@ -100,9 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapt-emb", action="store_true", help="adapt the embedding group (emb) too")
     ap.add_argument("--epoch", action="store_true", help="also time one epoch of RML two-phase on --split")
     ap.add_argument("--epoch-fraction", type=float, default=1.0)
+    ap.add_argument("--epoch-threads", default="1,2",
+                    help="torch thread counts to time the epoch with (reproduce runs each job on 1 thread)")
     ap.add_argument("--model-kw", default="{}", help='JSON {model: {kwarg: value}}, e.g. a smaller RML')
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if args.epoch and device.type != "cpu":
+        ap.error("--epoch times the CPU strategies only; drop it with --device " + args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ds = PreparedDataset(args.data)
@@ -110,11 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                               query_size=args.query, drop_last=True)
     tbs = []
     for tb in sampler.iterate(np.random.default_rng(0)):
+        if device.type != "cpu":
+            tb = tb._replace(support=tb.support.to(device), query=tb.query.to(device),
+                             support_weight=tb.support_weight.to(device), query_weight=tb.query_weight.to(device))
         tbs.append(tb)
         if len(tbs) > args.reps:
             break
     report: dict = {"command": " ".join(sys.argv), "model_kw": json.loads(args.model_kw), "threads": args.threads,
-                    "adapt_emb": args.adapt_emb, "load_before": os.getloadavg(),
+                    "adapt_emb": args.adapt_emb, "load_before": os.getloadavg(), "device": args.device,
+                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "tasks": args.tasks, "support": args.support, "query": args.query, "results": []}
     impls = args.impls.split(",")
     unknown = [i for i in impls if i not in ("vmap", "vmap-dense", "loop-func", "loop-l2l")]
@@ -124,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':8} {'steps':>5} " + " ".join(f"{i:>12}" for i in impls)
           + "   speed-up (vmap / each; dense vmap / loops)")
     for name in args.models.split(","):
-        model = build_model(name, ds.spec, **json.loads(args.model_kw).get(name, {}))
+        model = build_model(name, ds.spec, **json.loads(args.model_kw).get(name, {})).to(device)
         model.train()
         names = adapted_names(model, args.adapt_emb)
         for steps in [int(s) for s in args.steps.split(",")]:
-            tps = {impl: time_impl(model, tbs, names, steps, impl, args.reps) for impl in impls}
+            tps = {impl: time_impl(model, tbs, names, steps, impl, args.reps, device) for impl in impls}
             ratios = {k: tps["vmap"] / v for k, v in tps.items() if k != "vmap" and "vmap" in tps}
             if "vmap-dense" in tps:
                 ratios.update({f"{k} (dense vmap)": tps["vmap-dense"] / v for k, v in tps.items()
@@ -138,16 +157,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:8} {steps:>5} " + " ".join(f"{tps[i]:>12.1f}" for i in impls) + "   "
                   + ", ".join(f"{k}: {v:.2f}x" for k, v in ratios.items()), flush=True)
     if args.epoch:
-        model = build_model("rml", ds.spec)
-        cfg = StrategyConfig(name="two_phase", epochs=args.epoch_fraction)
-        t0 = time.perf_counter()
-        train(model, ds, args.split, cfg, seed=0)
-        wall = time.perf_counter() - t0
         n = int(len(ds.split(args.split)) * args.epoch_fraction)
-        report["epoch"] = {"split": args.split, "fraction": args.epoch_fraction, "rows": n, "wall_s": wall,
-                           "epoch_s_extrapolated": wall / args.epoch_fraction}
-        print(f"RML two_phase on {args.split}: {args.epoch_fraction} epoch ({n} tasks) in {wall:.1f} s "
-              f"-> {wall / args.epoch_fraction:.1f} s per epoch")
+        report["epoch"] = []
+        for threads in [int(t) for t in args.epoch_threads.split(",")]:
+            torch.set_num_threads(threads)
+            model = build_model("rml", ds.spec)
+            cfg = StrategyConfig(name="two_phase", epochs=args.epoch_fraction)
+            t0 = time.perf_counter()
+            train(model, ds, args.split, cfg, seed=0)
+            wall = time.perf_counter() - t0
+            report["epoch"].append({"split": args.split, "threads": threads, "fraction": args.epoch_fraction,
+                                    "rows": n, "wall_s": wall, "epoch_s_extrapolated": wall / args.epoch_fraction})
+            print(f"RML two_phase on {args.split}, {threads} thread(s): {args.epoch_fraction} epoch ({n} tasks) "
+                  f"in {wall:.1f} s -> {wall / args.epoch_fraction:.1f} s per epoch", flush=True)
     report["load_after"] = os.getloadavg()
     print(f"load average after: {os.getloadavg()}")
     if args.out:

@@ -20,7 +20,7 @@ Reptile); no learn2learn/higher.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -224,10 +224,12 @@ def _task_copies(params: Mapping[str, Tensor], names: list[str], lr: LearningRat
 
 def adapt_and_predict(model: CTRModel, params: Mapping[str, Tensor], support: Batch, query: Batch, *,
                       names: Sequence[str], lr: LearningRate, steps: int = 1,
-                      support_weight: Tensor | None = None, local_tables: bool | None = None) -> Tensor:
+                      support_weight: Tensor | None = None, local_tables: bool | None = None,
+                      score: Callable[[CTRModel, Mapping[str, Tensor], Batch], Tensor] | None = None) -> Tensor:
     """Meta-test for a batch of T tasks in one call: adapt ``names`` on each task's support
     (``[T, S, ...]``, weights ``[T, S]``) with ``steps`` SGD steps, no graph kept, and return
-    the adapted model's logits on that task's query rows, ``[T, Q]``.
+    the adapted model's logits on that task's query rows, ``[T, Q]`` (or, with ``score``,
+    ``score(model, adapted parameters, query)`` per task: e.g. MetaSelector's mixture weights).
 
     Same numbers as ``vmap`` over tasks of ``inner_adapt`` + ``functional_call``, but vectorized
     with plain autograd and, by default, task-local embedding tables: a chunk of users adapting
@@ -248,6 +250,8 @@ def adapt_and_predict(model: CTRModel, params: Mapping[str, Tensor], support: Ba
         return objective(model, {**shared, **m, **p}, b, w)[0]
 
     def task_logit(p: dict[str, Tensor], m: dict[str, Tensor], b: Batch) -> Tensor:
+        if score is not None:
+            return score(model, {**shared, **m, **p}, b)
         return functional_call(model, {**shared, **m, **p}, (b,)).logit
 
     fast, rates = _task_copies(params, names, lr, support.label.shape[0], plan)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from metactr.data.batch import Batch, FeatureSpec
 from metactr.errors import ConfigError
 from metactr.models.base import CTRModel, ModelOutput
-from metactr.models.layers import MLP, FieldEmbedding, masked_mean
+from metactr.models.layers import MLP, FieldEmbedding
 
 
 class SelectorNet(nn.Module):
@@ -59,9 +59,10 @@ class SelectorNet(nn.Module):
         parts = [self.embedding(batch.user, "user").flatten(-2),
                  self.embedding(batch.context, "context").flatten(-2),
                  self.embedding(batch.item, "item").flatten(-2)]
-        if self.use_history:
-            hist = self.embedding(batch.hist, "item").flatten(-2)
-            parts.append(masked_mean(hist, batch.hist_mask, dim=-2))
+        if self.use_history:  # mean over valid session items, as one weighted bag of rows
+            m = batch.hist_mask.to(self.embedding.weight.dtype)
+            w = m / m.sum(-1, keepdim=True).clamp_min(1.0)
+            parts.append(self.embedding.bag(batch.hist, "item", w).flatten(-2))
         if self.use_predictions:
             parts.append(probs)
         return torch.log_softmax(self.mlp(torch.cat(parts, dim=-1)), dim=-1)

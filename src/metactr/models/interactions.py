@@ -51,12 +51,11 @@ def history_fields(embedding: FieldEmbedding, batch: Batch) -> Tensor:
 
     Padded positions get weight 0 and the mean divides by the number of valid items (at least
     1), so neither the ids at padded positions nor extra padding change the result; an empty
-    session gives zeros. (A multiply and a sum: an einsum over L makes strided copies + bmm.)
+    session gives zeros. Computed as one weighted bag of table rows (``FieldEmbedding.bag``):
+    no ``[..., L, Fi, D]`` intermediate is built, masked and summed.
     """
-    h = embedding(batch.hist, "item")  # [..., L, Fi, D]
-    m = batch.hist_mask.to(h.dtype)
-    w = m / m.sum(-1, keepdim=True).clamp_min(1.0)
-    return (h * w[..., None, None]).sum(dim=-3)
+    m = batch.hist_mask.to(embedding.weight.dtype)
+    return embedding.bag(batch.hist, "item", m / m.sum(-1, keepdim=True).clamp_min(1.0))
 
 
 def lookup(embedding: FieldEmbedding, parts: list[tuple[Tensor, str]]) -> Tensor:

@@ -118,8 +118,11 @@ def _tensorboard(run_dir: Path, enabled: bool):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"torch": torch.get_rng_state(), "data": gen.get_state()}
+def _rng_state(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "data": gen.get_state()}
+    if device.type == "cuda":  # dropout on a GPU draws from the device's own generator
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -132,7 +135,7 @@ def train_epoch(loss_fn: Callable, optimizer: torch.optim.Optimizer, params: lis
     The hot loop: batches stay tensors, the loss is never synchronised to Python except when
     ``on_step`` asks for it (the progress bar reads it every few dozen steps).
     """
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync per step
     rows = 0
     for step, (batch, global_b) in enumerate(zip(batches, global_sizes, strict=False)):
         if device.type != "cpu":
@@ -144,7 +147,7 @@ def train_epoch(loss_fn: Callable, optimizer: torch.optim.Optimizer, params: lis
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
-        total += plain.double().cpu() * b
+        total += plain.detach().double() * b
         rows += b
         if on_step is not None:
             on_step(step, plain)
@@ -212,6 +215,8 @@ def fit(model: CTRModel, dataset: PreparedDataset, cfg: TrainConfig, *, run_dir:
         state = saved["trainer"]
         torch.set_rng_state(rng["torch"])
         gen.set_state(rng["data"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
         if main:
             log(f"resuming from {last.name} (epoch {state['epoch']} done)")
     elif main and ck_dir.exists() and any(ck_dir.glob("epoch_*.json")):
@@ -293,7 +298,7 @@ def fit(model: CTRModel, dataset: PreparedDataset, cfg: TrainConfig, *, run_dir:
             if main:
                 stem = ck_dir / f"epoch_{epoch:03d}"
                 ckpt.save_checkpoint(stem, model, meta, optimizer=optimizer, scheduler=scheduler,
-                                     rng=_rng_state(gen), trainer=state)
+                                     rng=_rng_state(gen, device), trainer=state)
                 if state["best_epoch"] == epoch:
                     ckpt.save_checkpoint(run_dir / "best", model, {**meta, "epoch": epoch})
                 append_jsonl(run_dir / "metrics.jsonl", finite_or_none(record))
