@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from metactr.data.batch import Batch, FeatureSpec
 from metactr.errors import ConfigError
 from metactr.models.base import CTRModel, ModelOutput
+from metactr.models.interactions import history_fields
 from metactr.models.layers import MLP, FieldEmbedding
 
 
@@ -59,10 +60,8 @@ class SelectorNet(nn.Module):
         parts = [self.embedding(batch.user, "user").flatten(-2),
                  self.embedding(batch.context, "context").flatten(-2),
                  self.embedding(batch.item, "item").flatten(-2)]
-        if self.use_history:  # mean over valid session items, as one weighted bag of rows
-            m = batch.hist_mask.to(self.embedding.weight.dtype)
-            w = m / m.sum(-1, keepdim=True).clamp_min(1.0)
-            parts.append(self.embedding.bag(batch.hist, "item", w).flatten(-2))
+        if self.use_history:  # mean over valid session items (one weighted bag of table rows)
+            parts.append(history_fields(self.embedding, batch).flatten(-2))
         if self.use_predictions:
             parts.append(probs)
         return torch.log_softmax(self.mlp(torch.cat(parts, dim=-1)), dim=-1)

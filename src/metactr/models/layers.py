@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from metactr.data.batch import FeatureSpec, Field
+from metactr.models.pooling import bag_coefficients, pooled_rows, slot_weights, use_table
 
 GROUPS = ("user", "item", "context")
 
@@ -80,8 +81,6 @@ class FieldEmbedding(nn.Module):
         mask = (ids > 0).to(self.weight.dtype)
         if self.single_valued[group]:  # pooling would be the identity: skipping it is ~2.5x faster fwd+bwd
             return gather_rows(self.weight, self.rows(ids, offsets)) * mask.unsqueeze(-1)
-        from metactr.models.pooling import bag_coefficients, pooled_rows, slot_weights  # torch-only module
-
         pool = getattr(self, f"{group}_pool")
         slot_w = slot_weights(mask, pool)  # 1/count on valid slots: the mean folded into one weight
         if self.dim >= 32:  # wide rows (FFM): a batched matmul, no permuted copies (2.5x fwd+bwd)
@@ -99,8 +98,6 @@ class FieldEmbedding(nn.Module):
         3x faster on one task; under vmap with task-local tables, see ``pooling``)."""
         if group not in self.n_fields:
             return ids.new_zeros((*ids.shape[:-2], 0, self.dim), dtype=self.weight.dtype)
-        from metactr.models.pooling import bag_coefficients, pooled_rows, slot_weights, use_table
-
         dtype = self.weight.dtype
         if self.single_valued[group] and not use_table(self.weight.shape[-2], self.n_fields[group],
                                                        ids.shape[-2] * ids.shape[-1]):
