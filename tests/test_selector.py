@@ -19,6 +19,7 @@ from metactr.meta.selector_train import (
     SelectorExperiment,
     UserIndex,
     adapt,
+    fine_tune_rates,
     meta_loss,
     meta_test,
     meta_train,
@@ -234,6 +235,37 @@ def test_meta_train_updates_outer_groups_and_rates(toy_dir, groups):
         direct = model(data.ds.batch(data.test)).logit
     torch.testing.assert_close(plain, direct, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(a, plain)
+
+
+def test_fine_tune_rates_put_meta_test_lr_in_place_by_owner(toy_dir):
+    data = SelectorData.load(toy_dir, disjoint=False)
+    torch.manual_seed(0)
+    bases = [build_model("basic", data.ds.spec, embed_dim=3, hidden=(4,)) for _ in range(2)]
+    model = MetaSelector(data.ds.spec, bases, base_names=["a", "b"], embed_dim=3, hidden=(6,))
+    learned = MetaSGDRates(live_params(model), [n for n, _ in model.named_parameters()], init=1e-3).as_dict()
+    assert fine_tune_rates(learned, None, ["a", "b"]) == learned
+    per = fine_tune_rates(learned, {"b": 0.3, "selector": 0.05}, ["a", "b"])
+    for n, r in per.items():
+        want = 1e-3 if n.startswith("base.0.") else 0.3 if n.startswith("base.1.") else 0.05
+        assert r.shape == learned[n].shape and torch.allclose(r, torch.full_like(r, want))
+    assert all(torch.all(r == 0.2) for r in fine_tune_rates(learned, 0.2, ["a", "b"]).values())
+    with pytest.raises(ConfigError, match="unknown name.*'c'"):
+        fine_tune_rates(learned, {"c": 0.1}, ["a", "b"])
+    # larger fixed rates move the meta-test predictions further than the learned ones
+    cfg = _toy_cfg().model_copy(update={"test_steps": 3})
+    plain = meta_test(model, None, data, cfg)
+    small = meta_test(model, learned, data, cfg)
+    big = meta_test(model, fine_tune_rates(learned, 0.3, ["a", "b"]), data, cfg)
+    assert (big - plain).abs().mean() > 10 * (small - plain).abs().mean() > 0
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), {"ffm": -1.0}, "fast"])
+def test_config_rejects_bad_meta_test_lr(bad):
+    from metactr.config import validate
+
+    with pytest.raises(ConfigError, match="test_lr"):
+        validate(SelectorExperiment, {"meta": {"test_lr": bad}})
+    assert validate(SelectorExperiment, {"meta": {"test_lr": {"ffm": 0.3}}}).meta.test_lr == {"ffm": 0.3}
 
 
 # --------------------------------------------------------------------------- baselines and oracles

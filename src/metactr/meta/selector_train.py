@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import Field as PField
+from pydantic import field_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -112,6 +113,18 @@ class MetaTrainConfig(StrictModel):
     test_max_support: int = PField(1024, ge=1)  # most recent training rows used to adapt at meta-test
     test_chunk: int = PField(64, ge=1)  # users adapted together at meta-test
     simplified_test_adapt: bool = True  # Simplified: adapt the selector at meta-test
+    # Fixed fine-tuning rates at meta-test in place of the learned Meta-SGD rates (sec. 5.3: the
+    # selector and base models "are firstly fine-tuned before evaluating"): one rate for every
+    # adapted parameter, or one per base model name and/or 'selector' (the others keep theirs).
+    test_lr: float | dict[str, float] | None = None
+
+    @field_validator("test_lr")
+    @classmethod
+    def _positive_rates(cls, v):
+        values = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        if any(not x > 0 for x in values):  # also rejects NaN
+            raise ValueError(f"rates must be > 0, got {v!r}")
+        return v
 
 
 class SampleSelectorConfig(StrictModel):
@@ -398,6 +411,26 @@ def meta_train(model: MetaSelector, data: SelectorData, cfg: MetaTrainConfig, *,
 
 
 # --------------------------------------------------------------------------- meta-test
+def fine_tune_rates(rates: Mapping[str, Tensor], test_lr: float | Mapping[str, float] | None,
+                    base_names: Sequence[str]) -> dict[str, Tensor]:
+    """The rates of the meta-test adaptation: the learned Meta-SGD ``rates`` (keyed by parameter,
+    ``base.<k>.*`` / ``selector.*``) with ``meta.test_lr`` put in place for the parameters of
+    the base models (by name) or the selector it names; a single number replaces every rate."""
+    if test_lr is None:
+        return dict(rates)
+    if isinstance(test_lr, Mapping):
+        unknown = sorted(set(test_lr) - set(base_names) - {"selector"})
+        if unknown:
+            raise ConfigError(f"unknown name(s) {unknown} in meta.test_lr; expected base model names "
+                              f"{list(base_names)} or 'selector'", field="meta.test_lr")
+    out = {}
+    for name, rate in rates.items():
+        owner = "selector" if name.startswith("selector.") else base_names[int(name.split(".")[1])]
+        lr = test_lr.get(owner) if isinstance(test_lr, Mapping) else test_lr
+        out[name] = rate if lr is None else torch.full_like(rate, float(lr))
+    return out
+
+
 def meta_test(model: MetaSelector, rates: Mapping[str, Tensor] | None, data: SelectorData,
               cfg: MetaTrainConfig, *, steps: int | None = None,
               score: Callable[[CTRModel, Mapping[str, Tensor], Batch], Tensor] | None = None) -> Tensor:
@@ -543,6 +576,7 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
     names = [b.name for b in cfg.base_models]
     if len(set(names)) != len(names):
         raise ConfigError("base model names must be distinct", field="base_models")
+    fine_tune_rates({}, cfg.meta.test_lr, names)  # a bad meta.test_lr fails before any training
     y, users = data.test.label.numpy(), data.test.user_id.numpy()
     secs: dict[str, float] = {}
 
@@ -585,7 +619,7 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
                           use_predictions=cfg.selector.use_predictions, use_history=cfg.selector.use_history)
         res = meta_train(ms, data, cfg.meta, adapt_groups=groups, outer_groups=groups, generator=g,
                          log=log)
-        rates = res.rates.as_dict() if test_adapt else None
+        rates = fine_tune_rates(res.rates.as_dict(), cfg.meta.test_lr, names) if test_adapt else None
         out = meta_test(ms, rates, data, cfg.meta, score=_score_with_weights)
         preds[key] = torch.sigmoid(out[:, 0]).numpy()
         secs[key] = time.perf_counter() - t0
