@@ -21,7 +21,6 @@ tables (``embedding.*``, ``linear.*``). Results go to stdout and, with ``--out``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,12 +29,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 
+def _grid(text: str) -> list[tuple[int, float]]:
+    """``"1:0.1,3:0.3"`` -> [(1, 0.1), (3, 0.3)]; argparse turns a ValueError into a usage error."""
+    pairs = [p.split(":") for p in text.split(",")]
+    grid = [(int(s), float(r)) for s, r in pairs]
+    if any(s < 1 or not r > 0 for s, r in grid):
+        raise ValueError(text)
+    return grid
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True, help="prepared MetaSelector split")
     ap.add_argument("--models", default="ffm,deepfm", help="base models of the config to probe")
-    ap.add_argument("--grid", default="1:0.1,1:1,3:0.3,5:1,1:10", help="steps:rate pairs")
+    ap.add_argument("--grid", type=_grid, default="1:0.1,1:1,3:0.3,5:1,1:10",
+                    help="steps:rate pairs (steps >= 1, rate > 0)")
     ap.add_argument("--params", choices=["all", "emb"], default="all")
     ap.add_argument("--support", type=int, default=256, help="most recent training rows per user")
     ap.add_argument("--validate", action="store_true",
@@ -48,19 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    import yaml
 
+    from metactr.config import load_config
     from metactr.eval.metrics import auc, logloss
     from metactr.eval.predict import predict_proba
     from metactr.meta.selector_train import SelectorData, SelectorExperiment, _pretrained, meta_test
     from metactr.utils import seed_everything, write_json_atomic
 
     torch.set_num_threads(args.threads)
-    cfg = SelectorExperiment.model_validate(yaml.safe_load(args.config.read_text()))
+    cfg = load_config(SelectorExperiment, args.config)  # one-line errors naming file and field
     data = SelectorData.load(args.data, disjoint=False, max_users=args.max_users)
     if args.validate:  # support plays "train", query plays "test"
         data = SelectorData(data.ds, data.support, data.query, data.support, data.query, data.support, False)
-    grid = [(int(s), float(r)) for s, r in (p.split(":") for p in args.grid.split(","))]
     wanted = args.models.split(",")
     g = seed_everything(args.seed)
     bases = _pretrained(cfg, data.ds, data.train, g)
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         names = [n for n, _ in model.named_parameters()
                  if args.params == "all" or n.startswith(("embedding", "linear"))]
-        for steps, rate in grid:
+        for steps, rate in args.grid:
             rates = {n: torch.tensor(rate) for n in names}
             mcfg = cfg.meta.model_copy(update={"test_steps": steps, "test_max_support": args.support,
                                                "test_chunk": 32})
@@ -92,4 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from metactr.errors import MetactrError
+
+    try:
+        sys.exit(main())
+    except MetactrError as e:  # bad config or data: one line, no traceback
+        sys.exit(f"error: {e}")
