@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = load_config(SelectorExperiment, args.config)  # one-line errors naming file and field
     data = SelectorData.load(args.data, disjoint=False, max_users=args.max_users)
-    if args.validate:  # support plays "train", query plays "test"
-        data = SelectorData(data.ds, data.support, data.query, data.support, data.query, data.support, False)
+    if args.validate:  # support plays "train", query plays "test" (as `reproduce metaselector --validate`)
+        data = data.validation()
     wanted = args.models.split(",")
     g = seed_everything(args.seed)
     bases = _pretrained(cfg, data.ds, data.train, g)

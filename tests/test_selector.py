@@ -266,6 +266,23 @@ def test_config_rejects_bad_meta_test_lr(bad):
     with pytest.raises(ConfigError, match="test_lr"):
         validate(SelectorExperiment, {"meta": {"test_lr": bad}})
     assert validate(SelectorExperiment, {"meta": {"test_lr": {"ffm": 0.3}}}).meta.test_lr == {"ffm": 0.3}
+    with pytest.raises(ConfigError, match="inner_lr_by_model"):
+        validate(SelectorExperiment, {"meta": {"inner_lr_by_model": bad}})
+
+
+def test_inner_lr_by_model_sets_the_starting_meta_sgd_rates_per_owner(toy_dir):
+    data = SelectorData.load(toy_dir, disjoint=False)
+    torch.manual_seed(0)
+    bases = [build_model("basic", data.ds.spec, embed_dim=3, hidden=(4,)) for _ in range(2)]
+    model = MetaSelector(data.ds.spec, bases, base_names=["a", "b"], embed_dim=3, hidden=(6,))
+    cfg = _toy_cfg().model_copy(update={"episodes": 0, "inner_lr_by_model": {"b": 0.3}})
+    res = meta_train(model, data, cfg, adapt_groups=("base", "selector"), outer_groups=("base", "selector"),
+                     generator=torch.Generator().manual_seed(0))
+    for n, r in res.rates.as_dict().items():
+        assert torch.all(r == (0.3 if n.startswith("base.1.") else cfg.inner_lr)), n
+    with pytest.raises(ConfigError, match="inner_lr_by_model"):
+        meta_train(model, data, cfg.model_copy(update={"inner_lr_by_model": {"c": 0.1}}),
+                   adapt_groups=("selector",), outer_groups=("selector",), generator=torch.Generator())
 
 
 # --------------------------------------------------------------------------- baselines and oracles
@@ -453,3 +470,24 @@ def test_vectorized_meta_test_equals_the_per_user_path_with_the_paper_bases(toy_
     torch.testing.assert_close(ours, adapt_and_predict(model, live, sup, sup, **kw))
     with pytest.raises(KeyError):
         adapt_and_predict(model, live, sup, sup, names=["no.such.param"], lr=0.1, score=_score_with_weights)
+
+
+def test_validation_protocol_never_reads_test_rows_and_cuts_support_chronologically(toy_dir):
+    data = SelectorData.load(toy_dir, disjoint=False)
+    val = data.validation()
+    # train = support, test = query, meta-test users adapt on their support rows
+    assert torch.equal(val.train.target, data.support.target) and torch.equal(val.test.target, data.query.target)
+    assert torch.equal(val.test_train.target, data.support.target) and not val.disjoint_test_users
+    # the inner support + query are exactly the support rows, each user's earliest ~75% first
+    assert len(val.support) + len(val.query) == len(data.support)
+    ts = data.support.timestamp
+    for u in data.support.user_id.unique().tolist():
+        s_ts = val.support.timestamp[val.support.user_id == u]
+        q_ts = val.query.timestamp[val.query.user_id == u]
+        n = int((data.support.user_id == u).sum())
+        assert len(s_ts) == max(1, min(round(0.75 * n), max(n - 1, 1)))
+        if len(q_ts):
+            assert s_ts.max() <= q_ts.min()
+    assert ts is not None
+    with pytest.raises(ConfigError, match="support_fraction"):
+        data.validation(1.0)

@@ -52,6 +52,21 @@ def test_reproduce_quick_on_toy_data(tmp_path):
     assert res["seeds"] == [0, 1] and res["quick"] is True
 
 
+def test_reproduce_validate_scores_the_query_rows_and_leaves_the_paper_out(tmp_path):
+    write_toy_dataset(tmp_path / "toy", n_users=30, n_items=40, seed=2)
+    out = tmp_path / "val"
+    rc = main(["reproduce", "metaselector", "--prepared", str(tmp_path / "toy"), "--dataset", "ml-1m",
+               "--seeds", "1", "--quick", "--validate", "--out", str(out), *TINY])
+    assert rc == 0
+    res = _check_run(out, METHODS)
+    assert res["protocol"] == "validation" and res["goal"] is None and not res["paper_available"]
+    assert all(r["paper_auc"] is None for r in res["methods"])
+    import pyarrow.parquet as pq  # the scored rows are the users' query rows, not their test rows
+    assert res["n_test"] == pq.read_metadata(tmp_path / "toy" / "ms_query.parquet").num_rows
+    md = (out / "results.md").read_text()
+    assert "Validation protocol" in md and "query rows" in md and "Goal" not in md
+
+
 def test_reproduce_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert main(["reproduce", "metaselector", "--dataset", "nope", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()

@@ -104,6 +104,9 @@ class MetaTrainConfig(StrictModel):
     max_support: int = PField(64, ge=1)
     max_query: int = PField(32, ge=1)
     inner_lr: float = PField(1e-3, gt=0)
+    # ours: initial inner rates per base model name and/or 'selector' (the others start at
+    # inner_lr), e.g. to meta-train with the same adaptation as meta-test's test_lr
+    inner_lr_by_model: dict[str, float] | None = None
     outer_lr: float | None = PField(None, gt=0)
     learn_inner_lr: bool = True  # Meta-SGD; False = plain MAML with a fixed alpha
     inner_steps: int = PField(1, ge=1)
@@ -118,7 +121,7 @@ class MetaTrainConfig(StrictModel):
     # adapted parameter, or one per base model name and/or 'selector' (the others keep theirs).
     test_lr: float | dict[str, float] | None = None
 
-    @field_validator("test_lr")
+    @field_validator("test_lr", "inner_lr_by_model")
     @classmethod
     def _positive_rates(cls, v):
         values = v.values() if isinstance(v, dict) else [] if v is None else [v]
@@ -260,6 +263,31 @@ class SelectorData:
                             train if not self.disjoint_test_users else only(self.test_train, te),
                             self.disjoint_test_users)
 
+    def validation(self, support_fraction: float = 0.75) -> SelectorData:
+        """The validation protocol, for choosing settings without reading a test row.
+
+        Each user's support rows play their training rows and their query rows play the test
+        rows; for meta-training, the support rows are cut again, chronologically, into the first
+        ``support_fraction`` (support, at least one row) and the rest (query), as the pipeline
+        cuts the training rows. Meta-test users are the training users (disjoint ones are unread).
+        """
+        if not 0.0 < support_fraction < 1.0:
+            raise ConfigError(f"support_fraction must be in (0, 1), got {support_fraction}",
+                              field="support_fraction")
+        sup, qry = self.support, self.query
+        for s in (sup, qry):
+            if len(s) == 0:
+                raise DataError(f"split '{s.name}' is empty: no validation protocol without it")
+        idx = UserIndex.build(sup)
+        first = torch.repeat_interleave(idx.starts, idx.counts)  # group start of each grouped row
+        rank = torch.arange(len(idx.rows)) - first  # chronological rank within the user's rows
+        n_sup = torch.round(idx.counts.double() * support_fraction).long()
+        n_sup = torch.minimum(n_sup.clamp_min(1), (idx.counts - 1).clamp_min(1))
+        in_sup = rank < torch.repeat_interleave(n_sup, idx.counts)
+        inner_sup = sup.subset(torch.sort(idx.rows[in_sup]).values)
+        inner_qry = sup.subset(torch.sort(idx.rows[~in_sup]).values)
+        return SelectorData(self.ds, inner_sup, inner_qry, sup, qry, sup, False)
+
     @classmethod
     def _load(cls, root, *, disjoint: bool | None = None) -> SelectorData:
         ds = PreparedDataset(root)
@@ -374,6 +402,12 @@ def meta_train(model: MetaSelector, data: SelectorData, cfg: MetaTrainConfig, *,
     for n, p in live.items():
         p.requires_grad_(n in outer_names)
     rates = MetaSGDRates(live, names, cfg.inner_lr)
+    if cfg.inner_lr_by_model:
+        start = fine_tune_rates(rates.as_dict(), cfg.inner_lr_by_model, model.base_names,
+                                field="meta.inner_lr_by_model")
+        with torch.no_grad():
+            for n, r in zip(rates.names, rates.rates, strict=True):
+                r.copy_(start[n])
     rates.requires_grad_(cfg.learn_inner_lr)
     outer_lr = cfg.outer_lr if cfg.outer_lr is not None else cfg.inner_lr / 10.0
     opt_params = [live[n] for n in outer_names] + ([*rates.parameters()] if cfg.learn_inner_lr else [])
@@ -412,7 +446,7 @@ def meta_train(model: MetaSelector, data: SelectorData, cfg: MetaTrainConfig, *,
 
 # --------------------------------------------------------------------------- meta-test
 def fine_tune_rates(rates: Mapping[str, Tensor], test_lr: float | Mapping[str, float] | None,
-                    base_names: Sequence[str]) -> dict[str, Tensor]:
+                    base_names: Sequence[str], *, field: str = "meta.test_lr") -> dict[str, Tensor]:
     """The rates of the meta-test adaptation: the learned Meta-SGD ``rates`` (keyed by parameter,
     ``base.<k>.*`` / ``selector.*``) with ``meta.test_lr`` put in place for the parameters of
     the base models (by name) or the selector it names; a single number replaces every rate."""
@@ -421,8 +455,8 @@ def fine_tune_rates(rates: Mapping[str, Tensor], test_lr: float | Mapping[str, f
     if isinstance(test_lr, Mapping):
         unknown = sorted(set(test_lr) - set(base_names) - {"selector"})
         if unknown:
-            raise ConfigError(f"unknown name(s) {unknown} in meta.test_lr; expected base model names "
-                              f"{list(base_names)} or 'selector'", field="meta.test_lr")
+            raise ConfigError(f"unknown name(s) {unknown} in {field}; expected base model names "
+                              f"{list(base_names)} or 'selector'", field=field)
     out = {}
     for name, rate in rates.items():
         owner = "selector" if name.startswith("selector.") else base_names[int(name.split(".")[1])]
@@ -577,6 +611,7 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
     if len(set(names)) != len(names):
         raise ConfigError("base model names must be distinct", field="base_models")
     fine_tune_rates({}, cfg.meta.test_lr, names)  # a bad meta.test_lr fails before any training
+    fine_tune_rates({}, cfg.meta.inner_lr_by_model, names, field="meta.inner_lr_by_model")
     y, users = data.test.label.numpy(), data.test.user_id.numpy()
     secs: dict[str, float] = {}
 
