@@ -270,6 +270,18 @@ def test_config_rejects_bad_meta_test_lr(bad):
         validate(SelectorExperiment, {"meta": {"inner_lr_by_model": bad}})
 
 
+def test_config_rejects_a_bad_device_and_cuda_where_there_is_none(toy_dir):
+    from metactr.config import validate
+    from metactr.meta.selector_train import run_seed
+
+    with pytest.raises(ConfigError, match="device"):
+        validate(SelectorExperiment, {"device": "gpu"})
+    if not torch.cuda.is_available():
+        cfg = validate(SelectorExperiment, {"device": "cuda"})
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            run_seed(cfg, SelectorData.load(toy_dir, disjoint=False), 0)
+
+
 def test_inner_lr_by_model_sets_the_starting_meta_sgd_rates_per_owner(toy_dir):
     data = SelectorData.load(toy_dir, disjoint=False)
     torch.manual_seed(0)

@@ -156,6 +156,8 @@ class SelectorExperiment(StrictModel):
     max_users: int | None = PField(None, ge=2)  # keep only the first N users (quick runs)
     disjoint_test_users: bool | None = None  # None: use ms_newuser_* when the dataset has them
     prepare: dict[str, Any] = PField(default_factory=dict)  # extra PrepareConfig keys for the pipeline
+    # where base models and selectors train and adapt (the sample-level selector stays on the CPU)
+    device: str = PField("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")
 
 
 def default_base_models() -> list[BaseModelConfig]:
@@ -312,8 +314,14 @@ class SelectorData:
 
 
 # --------------------------------------------------------------------------- base models
-def build_base_models(cfg: SelectorExperiment, ds: PreparedDataset) -> list[CTRModel]:
-    return [build_model(b.name, ds.spec, **b.hp) for b in cfg.base_models]
+def build_base_models(cfg: SelectorExperiment, ds: PreparedDataset,
+                      device: torch.device | None = None) -> list[CTRModel]:
+    return [build_model(b.name, ds.spec, **b.hp).to(device or "cpu") for b in cfg.base_models]
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where ``model`` lives: batches are built on the CPU and moved there."""
+    return next(model.parameters()).device
 
 
 def base_epochs(cfg: SelectorExperiment, b: BaseModelConfig) -> int:
@@ -345,9 +353,11 @@ def pretrain(model: CTRModel, b: BaseModelConfig, ds: PreparedDataset, split: Sp
     opt = _optimizer(model, b)
     model.train()
     history = []
+    dev = _device(model)
     for _ in range(epochs):
         total, n = 0.0, 0
         for batch in ds.iter_batches(split, batch_size, shuffle=True, generator=generator):
+            batch = batch.to(dev)
             loss, _ = objective(model, None, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -422,12 +432,14 @@ def meta_train(model: MetaSelector, data: SelectorData, cfg: MetaTrainConfig, *,
     losses: list[float] = []
     t0 = time.perf_counter()
     m = min(cfg.users_per_episode, len(users))
+    dev = _device(model)
     for ep in range(cfg.episodes):
         pick = users[torch.randperm(len(users), generator=generator)[:m]]
         s_rows, sw = sup_idx.sample(sup_idx.lookup(pick), cfg.max_support, generator)
         q_rows, qw = qry_idx.sample(qry_idx.lookup(pick), cfg.max_query, generator)
-        support = task_batch(data.ds, data.support, s_rows)
-        query = task_batch(data.ds, data.query, q_rows)
+        support = task_batch(data.ds, data.support, s_rows).to(dev)
+        query = task_batch(data.ds, data.query, q_rows).to(dev)
+        sw, qw = sw.to(dev), qw.to(dev)
         loss = meta_loss(model, live, rates.as_dict(), support, query, sw, qw, steps=cfg.inner_steps,
                          first_order=cfg.first_order, vectorize=cfg.vectorize)
         opt.zero_grad(set_to_none=True)
@@ -484,11 +496,13 @@ def meta_test(model: MetaSelector, rates: Mapping[str, Tensor] | None, data: Sel
 
     def put(rows: Tensor, values: Tensor) -> None:
         nonlocal out
+        values = values.detach().cpu()
         if out is None:
             out = torch.zeros((len(data.test), *values.shape[1:]), dtype=values.dtype)
         out[rows] = values
 
     live = {n: p.detach() for n, p in model.named_parameters()}
+    dev = _device(model)
     score = score or (lambda m, p, b: functional_call(m, dict(p), (b,)).logit)
     pos_train = train_idx.lookup(test_idx.users)
     no_train = pos_train < 0
@@ -500,7 +514,7 @@ def meta_test(model: MetaSelector, rates: Mapping[str, Tensor] | None, data: Sel
         with torch.no_grad():
             for start in range(0, len(rows), 4096):
                 r = rows[start:start + 4096]
-                put(r, score(model, live, ds.batch(data.test, r)))
+                put(r, score(model, live, ds.batch(data.test, r).to(dev)))
         if not steps or not rates:
             return out
     have = torch.nonzero(~no_train).flatten()
@@ -514,8 +528,9 @@ def meta_test(model: MetaSelector, rates: Mapping[str, Tensor] | None, data: Sel
         chunk = order[start:start + cfg.test_chunk]
         s_rows, sw = train_idx.sample(pos_train[chunk], cfg.test_max_support, None, latest=True)
         q_rows, qw = test_idx.sample(chunk, 10**9, None, latest=True)
-        sup = task_batch(ds, data.test_train, s_rows)
-        qry = task_batch(ds, data.test, q_rows)
+        sup = task_batch(ds, data.test_train, s_rows).to(dev)
+        qry = task_batch(ds, data.test, q_rows).to(dev)
+        sw = sw.to(dev)
         if cfg.vectorize:
             logits = adapt_and_predict(model, live, sup, qry, names=list(rates), lr=rates, steps=steps,
                                        support_weight=sw, score=score)
@@ -523,7 +538,7 @@ def meta_test(model: MetaSelector, rates: Mapping[str, Tensor] | None, data: Sel
             logits = torch.stack([one_task(Batch(*(t[i] for t in sup)), sw[i], Batch(*(t[i] for t in qry)))
                                   for i in range(len(chunk))])
         valid = qw > 0
-        put(q_rows[valid], logits.detach()[valid])
+        put(q_rows[valid], logits.detach().cpu()[valid])
     return out if out is not None else torch.zeros(len(data.test))
 
 
@@ -581,10 +596,16 @@ def _score_with_weights(model: CTRModel, params: Mapping[str, Tensor], batch: Ba
     return functional_call(model, dict(params), (batch,), {"with_weights": True})
 
 
+def _resolve_device(name: str) -> torch.device:
+    from metactr.train.trainer import resolve_device
+
+    return resolve_device(name)
+
+
 def _pretrained(cfg: SelectorExperiment, ds: PreparedDataset, split: Split, g: torch.Generator, *,
                 min_epochs: int = 1, log: Callable[[str], None] | None = None) -> list[CTRModel]:
     """Fresh base models pre-trained on ``split`` (at least ``min_epochs`` epochs each)."""
-    models = build_base_models(cfg, ds)
+    models = build_base_models(cfg, ds, _resolve_device(cfg.device))
     for m, b in zip(models, cfg.base_models, strict=True):
         hist = pretrain(m, b, ds, split, epochs=max(base_epochs(cfg, b), min_epochs),
                         batch_size=cfg.pretrain.batch_size, generator=g)
@@ -616,8 +637,9 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
     secs: dict[str, float] = {}
 
     t0 = time.perf_counter()
+    device = _resolve_device(cfg.device)  # fails early, with the field, where CUDA is missing
     bases = (_pretrained(cfg, ds, data.train, g, min_epochs=0, log=log) if cfg.pretrain.enabled
-             else build_base_models(cfg, ds))
+             else build_base_models(cfg, ds, device))
     secs["pretrain"] = time.perf_counter() - t0
     P = _probs(bases, ds, data.test, bs)
     preds: dict[str, np.ndarray] = {n: P[:, k] for k, n in enumerate(names)}
@@ -651,7 +673,8 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
         t0 = time.perf_counter()
         ms = MetaSelector(ds.spec, [copy.deepcopy(m) for m in meta_bases], base_names=names,
                           embed_dim=cfg.selector.embed_dim, hidden=cfg.selector.hidden,
-                          use_predictions=cfg.selector.use_predictions, use_history=cfg.selector.use_history)
+                          use_predictions=cfg.selector.use_predictions, use_history=cfg.selector.use_history
+                          ).to(device)
         res = meta_train(ms, data, cfg.meta, adapt_groups=groups, outer_groups=groups, generator=g,
                          log=log)
         rates = fine_tune_rates(res.rates.as_dict(), cfg.meta.test_lr, names) if test_adapt else None
