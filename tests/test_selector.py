@@ -492,7 +492,7 @@ def test_validation_protocol_never_reads_test_rows_and_cuts_support_chronologica
     assert torch.equal(val.test_train.target, data.support.target) and not val.disjoint_test_users
     # the inner support + query are exactly the support rows, each user's earliest ~75% first
     assert len(val.support) + len(val.query) == len(data.support)
-    ts = data.support.timestamp
+    assert data.support.timestamp is not None
     for u in data.support.user_id.unique().tolist():
         s_ts = val.support.timestamp[val.support.user_id == u]
         q_ts = val.query.timestamp[val.query.user_id == u]
@@ -500,6 +500,5 @@ def test_validation_protocol_never_reads_test_rows_and_cuts_support_chronologica
         assert len(s_ts) == max(1, min(round(0.75 * n), max(n - 1, 1)))
         if len(q_ts):
             assert s_ts.max() <= q_ts.min()
-    assert ts is not None
     with pytest.raises(ConfigError, match="support_fraction"):
         data.validation(1.0)

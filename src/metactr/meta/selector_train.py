@@ -46,6 +46,7 @@ from metactr.eval.predict import predict_proba
 from metactr.meta.functional import MetaSGDRates, adapt_and_predict, inner_adapt, live_params, maml_outer_loss
 from metactr.meta.selector import MetaSelector
 from metactr.models.base import CTRModel, build_model, objective
+from metactr.train.trainer import resolve_device
 
 SUPPORT, QUERY, TEST = "ms_support", "ms_query", "ms_test"
 NEW_TRAIN, NEW_TEST = "ms_newuser_train", "ms_newuser_test"
@@ -596,16 +597,10 @@ def _score_with_weights(model: CTRModel, params: Mapping[str, Tensor], batch: Ba
     return functional_call(model, dict(params), (batch,), {"with_weights": True})
 
 
-def _resolve_device(name: str) -> torch.device:
-    from metactr.train.trainer import resolve_device
-
-    return resolve_device(name)
-
-
 def _pretrained(cfg: SelectorExperiment, ds: PreparedDataset, split: Split, g: torch.Generator, *,
                 min_epochs: int = 1, log: Callable[[str], None] | None = None) -> list[CTRModel]:
     """Fresh base models pre-trained on ``split`` (at least ``min_epochs`` epochs each)."""
-    models = build_base_models(cfg, ds, _resolve_device(cfg.device))
+    models = build_base_models(cfg, ds, resolve_device(cfg.device))
     for m, b in zip(models, cfg.base_models, strict=True):
         hist = pretrain(m, b, ds, split, epochs=max(base_epochs(cfg, b), min_epochs),
                         batch_size=cfg.pretrain.batch_size, generator=g)
@@ -637,7 +632,7 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
     secs: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    device = _resolve_device(cfg.device)  # fails early, with the field, where CUDA is missing
+    device = resolve_device(cfg.device)  # fails early, with the field, where CUDA is missing
     bases = (_pretrained(cfg, ds, data.train, g, min_epochs=0, log=log) if cfg.pretrain.enabled
              else build_base_models(cfg, ds, device))
     secs["pretrain"] = time.perf_counter() - t0
