@@ -502,3 +502,5 @@ def test_validation_protocol_never_reads_test_rows_and_cuts_support_chronologica
             assert s_ts.max() <= q_ts.min()
     with pytest.raises(ConfigError, match="support_fraction"):
         data.validation(1.0)
+    half = data.validation(0.5)  # the cut follows the pipeline's fraction when one is given
+    assert len(half.support) < len(val.support) and len(half.support) + len(half.query) == len(data.support)

@@ -65,6 +65,9 @@ def test_reproduce_validate_scores_the_query_rows_and_leaves_the_paper_out(tmp_p
     assert res["n_test"] == pq.read_metadata(tmp_path / "toy" / "ms_query.parquet").num_rows
     md = (out / "results.md").read_text()
     assert "Validation protocol" in md and "query rows" in md and "Goal" not in md
+    # a bad prepare.metaselector fraction is a one-line config error, not a traceback
+    assert main(["reproduce", "metaselector", "--prepared", str(tmp_path / "toy"), "--quick", "--validate",
+                 "--out", str(tmp_path / "bad"), "--set", "prepare={metaselector: {support_fraction: 2}}"]) == 2
 
 
 def test_reproduce_bad_input_is_one_line_exit_2(tmp_path, capsys):

@@ -59,7 +59,7 @@ def prepare_split(dataset: str, data_dir: Path, out: Path, extra: dict[str, Any]
 
 
 # --------------------------------------------------------------------------- aggregation
-def aggregate(seed_results, base_names: list[str], *, dataset: str) -> dict[str, Any]:
+def aggregate(seed_results, base_names: list[str], *, dataset: str, test_rows: bool = True) -> dict[str, Any]:
     """Rows of Table 3 with mean and 95% interval across seeds; RelImpr (eq. 7) per seed
     against the single model with the best mean AUC; paired intervals against it."""
     from metactr.eval.metrics import mean_ci95, paired_diff_ci95, rel_impr
@@ -69,7 +69,7 @@ def aggregate(seed_results, base_names: list[str], *, dataset: str) -> dict[str,
     auc = {m: [r.metrics[m]["auc"] for r in seed_results] for m in methods}
     ll = {m: [r.metrics[m]["logloss"] for r in seed_results] for m in methods}
     best = max(base_names, key=lambda m: np.nanmean(auc[m]))
-    paper = PAPER_ML1M if dataset == "ml-1m" else {}
+    paper = PAPER_ML1M if dataset == "ml-1m" and test_rows else {}  # the paper's numbers are on test rows
     rows = []
     for m in methods:
         rel = [100.0 * rel_impr(a, b) for a, b in zip(auc[m], auc[best], strict=True)]
@@ -92,7 +92,7 @@ def aggregate(seed_results, base_names: list[str], *, dataset: str) -> dict[str,
     share = {n: float(np.mean([r.best_share[n] for r in seed_results])) for n in base_names}
     ms = next((r for r in rows if r["method"] == "metaselector"), None)
     goal = None
-    if ms is not None:
+    if ms is not None and test_rows:  # the goal is about test rows
         lo = ms["auc_diff_vs_best"] - (ms["auc_diff_vs_best_ci95"] if np.isfinite(ms["auc_diff_vs_best_ci95"]) else np.inf)
         goal = {"auc_ci_excludes_zero": bool(lo > 0), "relimpr_ge_paper": bool(ms["relimpr"] >= 3.04),
                 "met": bool(lo > 0 and ms["relimpr"] >= 3.04)}
@@ -202,7 +202,13 @@ def reproduce_metaselector(
         prepared = prepare_split(dataset, raw, out / "prepared", cfg.prepare)
     data = SelectorData.load(prepared, disjoint=cfg.disjoint_test_users, max_users=cfg.max_users)
     if validate:
-        data = data.validation(cfg.prepare.get("support_fraction", 0.75))
+        from metactr.config import validate as validate_config
+        from metactr.data.pipeline import MetaSelectorConfig
+
+        # cut the support rows as the pipeline cut the training rows (prepare.metaselector)
+        ms_cfg = validate_config(MetaSelectorConfig, cfg.prepare.get("metaselector") or {},
+                                 prefix="prepare.metaselector")
+        data = data.validation(ms_cfg.support_fraction)
     names = [b.name for b in cfg.base_models]
 
     def log(msg: str) -> None:
@@ -214,9 +220,7 @@ def reproduce_metaselector(
         results.append(run_seed(cfg, data, seed, log=log))
         m = results[-1].metrics
         log("  " + "  ".join(f"{k}={v['auc']:.4f}" for k, v in m.items()))
-    res = aggregate(results, names, dataset="" if validate else dataset)
-    if validate:
-        res["goal"] = None  # the goal is about test rows
+    res = aggregate(results, names, dataset=dataset, test_rows=not validate)
     res.update({"dataset": dataset, "paper_available": dataset == "ml-1m" and not validate,
                 "protocol": "validation" if validate else "test", "prepared": str(prepared),
                 "n_test": len(data.test), "n_test_users": int(np.unique(data.test.user_id.numpy()).size),

@@ -266,14 +266,19 @@ class SelectorData:
                             train if not self.disjoint_test_users else only(self.test_train, te),
                             self.disjoint_test_users)
 
-    def validation(self, support_fraction: float = 0.75) -> SelectorData:
+    def validation(self, support_fraction: float | None = None) -> SelectorData:
         """The validation protocol, for choosing settings without reading a test row.
 
         Each user's support rows play their training rows and their query rows play the test
         rows; for meta-training, the support rows are cut again, chronologically, into the first
-        ``support_fraction`` (support, at least one row) and the rest (query), as the pipeline
-        cuts the training rows. Meta-test users are the training users (disjoint ones are unread).
+        ``support_fraction`` (support, at least one row; None = the pipeline's default) and the
+        rest (query), as the pipeline cuts the training rows. Meta-test users are the training
+        users (disjoint ones are unread).
         """
+        if support_fraction is None:
+            from metactr.data.pipeline import MetaSelectorConfig
+
+            support_fraction = MetaSelectorConfig().support_fraction
         if not 0.0 < support_fraction < 1.0:
             raise ConfigError(f"support_fraction must be in (0, 1), got {support_fraction}",
                               field="support_fraction")
