@@ -118,7 +118,8 @@ def _peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- our worker
-def run_ours(model_name: str, data: Path, threads: int, seed: int, device: str = "cpu") -> dict:
+def run_ours(model_name: str, data: Path, threads: int, seed: int, device: str = "cpu",
+             precision: str = "fp32") -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -142,19 +143,21 @@ def run_ours(model_name: str, data: Path, threads: int, seed: int, device: str =
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     batches = ds.iter_batches(train, BATCH, shuffle=True, generator=gen)
-    loss_sum, rows = train_epoch(LossModule(model), opt, list(model.parameters()), batches,
+    loss_sum, rows = train_epoch(LossModule(model, precision), opt, list(model.parameters()), batches,
                                  _global_batch_sizes(len(train), BATCH, 1), device=dev)
     _sync(dev)
     train_s = time.perf_counter() - t0
-    prob, pred_s = _best_of(lambda: predict_proba(model, ds, test, batch_size=BATCH), dev)
-    return {**_device_facts(dev), "train_samples_per_s": rows / train_s, "train_s": train_s,
+    prob, pred_s = _best_of(lambda: predict_proba(model, ds, test, batch_size=BATCH, precision=precision), dev)
+    return {**_device_facts(dev), "precision": precision,
+            "train_samples_per_s": rows / train_s, "train_s": train_s,
             "predict_samples_per_s": len(test) / pred_s, "predict_s": pred_s,
             "test_auc": auc(test.label.numpy(), prob), "train_loss": loss_sum / rows,
             "n_params": sum(p.numel() for p in model.parameters()), "peak_rss_mb": _peak_rss_mb()}
 
 
 # ----------------------------------------------------------------------------- DeepCTR-Torch worker
-def run_deepctr(model_name: str, data: Path, threads: int, seed: int, device: str = "cpu") -> dict:
+def run_deepctr(model_name: str, data: Path, threads: int, seed: int, device: str = "cpu",
+                precision: str = "fp32") -> dict:  # DeepCTR-Torch has no mixed precision: always fp32
     import torch
 
     torch.set_num_threads(threads)
@@ -196,7 +199,7 @@ def run_deepctr(model_name: str, data: Path, threads: int, seed: int, device: st
     n_test = len(split["test"]["label"])
     prob, pred_s = _best_of(lambda: model.predict(x_test, batch_size=BATCH), dev)
     n = len(split["train"]["label"])
-    return {**_device_facts(dev), "train_samples_per_s": n / train_s, "train_s": train_s,
+    return {**_device_facts(dev), "precision": "fp32", "train_samples_per_s": n / train_s, "train_s": train_s,
             "predict_samples_per_s": n_test / pred_s, "predict_s": pred_s,
             "test_auc": float(roc_auc_score(split["test"]["label"], prob.reshape(-1))),
             "n_params": sum(p.numel() for p in model.parameters()), "peak_rss_mb": _peak_rss_mb()}
@@ -237,12 +240,29 @@ def _median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["train_samples_per_s"])[len(runs) // 2]
 
 
+def _precision_by_model(text: str, models: list[str]) -> dict[str, str]:
+    """``fp32`` / ``bf16`` for every model, or ``deepfm=bf16,din=fp32`` (unnamed models: fp32)."""
+    if "=" not in text:
+        out = dict.fromkeys(models, text)
+    else:
+        out = dict.fromkeys(models, "fp32")
+        for part in text.split(","):
+            name, _, value = part.partition("=")
+            if name.strip() not in out:
+                raise SystemExit(f"--precision: unknown model '{name.strip()}' (running {', '.join(models)})")
+            out[name.strip()] = value.strip()
+    bad = sorted({v for v in out.values() if v not in ("fp32", "bf16")})
+    if bad:
+        raise SystemExit(f"--precision: {', '.join(bad)} is not fp32 or bf16")
+    return out
+
+
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
 def _worker(lib: str, model: str, data: Path, threads: int, seed: int, bench_python: str,
-            wait_policy: str | None, device: str = "cpu") -> dict:
+            wait_policy: str | None, device: str = "cpu", precision: str = "fp32") -> dict:
     py = sys.executable if lib == "ours" else bench_python
     inherited = os.environ.get("PYTHONPATH", "")
     ours_path = os.pathsep.join(p for p in (str(ROOT / "src"), inherited) if p)
@@ -251,7 +271,7 @@ def _worker(lib: str, model: str, data: Path, threads: int, seed: int, bench_pyt
     if wait_policy:  # same for both libraries; must be set before torch starts its OpenMP pool
         env["OMP_WAIT_POLICY"] = wait_policy
     cmd = [py, str(Path(__file__).resolve()), "--worker", lib, "--models", model, "--data-dir", str(data),
-           "--threads", str(threads), "--seed", str(seed), "--device", device]
+           "--threads", str(threads), "--seed", str(seed), "--device", device, "--precision", precision]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{lib}/{model} failed:\n{proc.stderr[-3000:]}")
@@ -278,13 +298,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="measure each model this many times, the two libraries alternating in each round "
                          "(ours first, then theirs first, ...); ratios = median of the per-round ratios")
+    ap.add_argument("--precision", default="fp32",
+                    help="our library's precision: fp32 (default) or bf16 for every model, or per model, "
+                         "e.g. deepfm=bf16,din=fp32 (metactr.train.precision; DeepCTR-Torch always runs fp32)")
     ap.add_argument("--worker", choices=["ours", "deepctr"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:  # inside a measuring subprocess: print one JSON line
         fn = run_ours if args.worker == "ours" else run_deepctr
-        print(json.dumps(fn(args.models[0], args.data_dir, args.threads, args.seed, args.device)))
+        print(json.dumps(fn(args.models[0], args.data_dir, args.threads, args.seed, args.device, args.precision)))
         return 0
+    precision = _precision_by_model(args.precision, args.models)
 
     data = args.data_dir or ROOT / "runs" / f"bench_ctr_data_{args.rows}_{args.test_rows}_{args.seed}"
     if not (data / "arrays.npz").is_file():
@@ -304,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds.setdefault(model, []).append({})
             for lib in libs:
                 r = _worker(lib, model, data, args.threads, args.seed, args.bench_python, args.omp_wait_policy,
-                            args.device)
+                            args.device, precision[model])
                 rounds[model][-1][lib] = r
                 print(f"{model:7s} {lib:8s} train {r['train_samples_per_s']:>10,.0f}/s  predict "
                       f"{r['predict_samples_per_s']:>10,.0f}/s  AUC {r['test_auc']:.4f}  peak RSS "
@@ -323,13 +347,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model:7s} ours/DeepCTR-Torch: training {x['train_speedup']:.2f}x (target >= 2.5), "
                   f"prediction {x['predict_speedup']:.2f}x (target >= 3), AUC {x['auc_diff']:+.4f} "
                   f"(target >= 0), peak RSS {x['rss_ratio']:.2f}x"
+                  + (f" [ours in {precision[model]}]" if precision[model] != "fp32" else "")
                   + (f"  [median of {len(per_round)} rounds; training "
                      + ", ".join(f"{r['train_speedup']:.2f}" for r in per_round) + "; prediction "
                      + ", ".join(f"{r['predict_speedup']:.2f}" for r in per_round) + "]" if len(per_round) > 1 else ""))
     report = {
         "command": "python benchmarks/bench_ctr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rows": args.rows, "test_rows": args.test_rows, "threads": args.threads, "device": args.device,
-        "batch_size": BATCH, "repeat": args.repeat,
+        "batch_size": BATCH, "repeat": args.repeat, "precision_ours": precision,
         "embed_dim": EMBED, "dnn": DNN, "seed": args.seed, "omp_wait_policy": args.omp_wait_policy or None,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_avg_before": load_before, "load_avg_after": _load()},

@@ -112,6 +112,23 @@ def test_fit_on_device_matches_cpu(trained):
     assert res_d["metrics"]["test"]["auc"] > 0.6
 
 
+@pytest.mark.parametrize("name", ["deepfm", "din"])
+def test_bf16_fit_on_device_is_close_to_cpu_bf16(data_dir, tmp_path, name):
+    """``precision: bf16`` (autocast) on the device trains as on CPU: the same loss curve to
+    bf16's rounding, float32 weights, and predictions made in bf16 on the device."""
+    res_c, model_c, ds = _fit(data_dir, tmp_path / "cpu", name, CPU, precision="bf16")
+    res_d, model_d, _ = _fit(data_dir, tmp_path / "dev", name, DEVICE, precision="bf16")
+    assert all(p.dtype == torch.float32 and p.device.type == DEVICE.type for p in model_d.parameters())
+    hist_c = [r["train_loss"] for r in history(tmp_path / "cpu")]
+    hist_d = [r["train_loss"] for r in history(tmp_path / "dev")]
+    assert hist_d[1] < hist_d[0]
+    np.testing.assert_allclose(hist_d, hist_c, rtol=2e-2)
+    prob_d = predict_proba(model_d, ds, "test", precision="bf16")
+    assert np.isfinite(prob_d).all() and np.abs(prob_d - 0.5).max() > 0.02
+    np.testing.assert_allclose(prob_d, predict_proba(model_c, ds, "test", precision="bf16"), atol=3e-2, rtol=0)
+    assert abs(res_d["metrics"]["test"]["auc"] - res_c["metrics"]["test"]["auc"]) < 0.03
+
+
 def history(run_dir) -> list[dict]:
     import json
 

@@ -279,6 +279,21 @@ def test_split_attention_equals_target_attention(mode):
     torch.testing.assert_close(out, torch.einsum("bl,bld->bd", ref_w, k), atol=1e-6, rtol=1e-5)
 
 
+def test_target_attention_stays_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    att = TargetAttention(6, (5, 3), activation="dice", mode="weights")
+    q, k = torch.randn(4, 6), torch.randn(4, 7, 6)
+    mask = torch.rand(4, 7) < 0.6
+    out, w = att(q, k, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16, w16 = att(q, k, mask)
+        assert torch.is_autocast_enabled("cpu")  # re-enabled after the attention
+        mixed = att.mlp.net[0](torch.randn(2, 24))
+    assert out16.dtype == w16.dtype == torch.float32 and mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(out16, out, atol=0, rtol=0)
+    torch.testing.assert_close(w16, w, atol=0, rtol=0)
+
+
 def test_dien_aux_loss_uses_real_session_labels_and_masks_padding():
     model = make_model("dien", MULTI)
     assert model.aux_weight == 1.0  # the paper's default weight

@@ -96,7 +96,26 @@ def test_evaluate_errors(data_dir, tmp_path, capsys):
     assert main(["evaluate", best, "--data", str(other), "--split", "test"]) == 2
     assert "vocabulary" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "nothing.safetensors"), "--data", str(data_dir), "--split", "test"]) == 2
+    capsys.readouterr()
+    assert main(["evaluate", best, "--data", str(data_dir), "--split", "test", "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--precision" in err and "fp16" in err and "\n" not in err
     assert not list((tmp_path).glob("*.tmp"))
+
+
+def test_bf16_run_evaluates_in_bf16_unless_told_otherwise(data_dir, tmp_path, capsys):
+    cfg = _write_cfg(tmp_path / "c.yaml", data_dir, tmp_path / "run", epochs=1)
+    assert main(["train", str(cfg), "--set", "precision=bf16"]) == 0
+    results = _strict_json((tmp_path / "run" / "results.json").read_text())
+    best = str(tmp_path / "run" / "best.safetensors")
+    capsys.readouterr()
+    assert main(["evaluate", best, "--data", str(data_dir), "--split", "test"]) == 0
+    as_trained = _strict_json(capsys.readouterr().out)
+    assert as_trained["precision"] == "bf16"
+    assert as_trained["auc"] == pytest.approx(results["metrics"]["test"]["auc"], abs=1e-12)
+    assert main(["evaluate", best, "--data", str(data_dir), "--split", "test", "--precision", "fp32"]) == 0
+    full = _strict_json(capsys.readouterr().out)
+    assert full["precision"] == "fp32" and full["logloss"] != as_trained["logloss"]
 
 
 def test_undefined_metrics_are_null_not_nan(tmp_path, capsys):

@@ -120,6 +120,27 @@ def test_save_load_gives_identical_predictions(data_dir, tmp_path):
     np.testing.assert_array_equal(predict_proba(model, ds, "test"), predict_proba(loaded, ds, "test"))
 
 
+@pytest.mark.parametrize("model_name", ["basic", "deepfm"])
+def test_bf16_precision_trains_in_fp32_state_and_evaluates_as_trained(data_dir, tmp_path, model_name):
+    params = {"hidden": [16]}
+    fp32, m32 = _train(config(data_dir, tmp_path / "fp32", epochs=2, model__name=model_name, model__params=params))
+    bf16, m16 = _train(config(data_dir, tmp_path / "bf16", epochs=2, model__name=model_name, model__params=params,
+                              precision="bf16"))
+    # the weights, their gradients' accumulation and the optimizer stay float32; only matmuls round
+    assert all(p.dtype == torch.float32 for p in m16.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(m32.parameters(), m16.parameters(), strict=True))
+    assert bf16["metrics"]["test"]["auc"] == pytest.approx(fp32["metrics"]["test"]["auc"], abs=0.03)
+    assert bf16["metrics"]["test"]["auc"] > 0.7
+    ds = PreparedDataset(data_dir)
+    p16 = predict_proba(m16, ds, "test", precision="bf16")
+    assert p16.dtype == np.float32 and np.isfinite(p16).all()
+    assert not np.array_equal(p16, predict_proba(m16, ds, "test"))  # bf16 inference really rounds
+    meta = json.loads((tmp_path / "bf16" / "best.json").read_text())
+    assert meta["precision"] == "bf16"  # `metactr evaluate` predicts as training did
+    with pytest.raises(ValueError, match="precision"):
+        predict_proba(m16, ds, "test", precision="int8")
+
+
 def test_early_stopping_stops_on_a_worsening_validation_auc(tmp_path):
     data = make_prepared(tmp_path / "flip", flip=("valid",))
     cfg = config(data, tmp_path / "run", epochs=8, early_stopping={"patience": 1}, optim__lr=0.05)
@@ -189,6 +210,8 @@ def test_config_validation(tmp_path, monkeypatch):
         load_train_config(p, ["optim.name=adam", "lr_decay=1.5"])
     with pytest.raises(ConfigError, match="device"):
         load_train_config(p, ["optim.name=adam", "device=tpu"])
+    with pytest.raises(ConfigError, match="precision"):
+        load_train_config(p, ["optim.name=adam", "precision=fp16"])
     monkeypatch.setenv("METACTR_DATA", str(tmp_path / "d"))
     assert expand_path("${METACTR_DATA}/ml-100k") == tmp_path / "d" / "ml-100k"
     monkeypatch.delenv("NO_SUCH_VAR_X", raising=False)

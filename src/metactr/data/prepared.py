@@ -24,7 +24,7 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from metactr.data.batch import Batch, FeatureSpec, Field
+from metactr.data.batch import Batch, FeatureSpec, Field, take_rows
 from metactr.errors import DataError
 
 SPLIT_COLUMNS = ("user_id", "hist_item_ids", "hist_labels", "target_item_id", "label")
@@ -94,11 +94,12 @@ class Split:
                    ints[:, 3 + L:], timestamp, rows=(ints, floats))
 
     def subset(self, idx: Tensor | slice) -> Split:
-        ts = None if self.timestamp is None else self.timestamp[idx]
+        ts = None if self.timestamp is None else take_rows(self.timestamp, idx)
         if self.rows is not None:
-            return Split._from_rows(self.name, self.rows[0][idx], self.rows[1][idx], ts)
-        return Split(self.name, self.user_id[idx], self.hist_ids[idx], self.hist_len[idx],
-                     self.hist_labels[idx], self.target[idx], self.label[idx], self.context[idx], ts)
+            return Split._from_rows(self.name, take_rows(self.rows[0], idx), take_rows(self.rows[1], idx), ts)
+        return Split(self.name, *(take_rows(t, idx) for t in (self.user_id, self.hist_ids, self.hist_len,
+                                                               self.hist_labels, self.target, self.label,
+                                                               self.context)), ts)
 
 
 class PreparedDataset:
@@ -256,10 +257,10 @@ class PreparedDataset:
         s = split if idx is None else split.subset(idx)
         hist_mask = s.hist_ids > 0
         return Batch(
-            user=self.user_table[s.user_id],
-            item=self.item_table[s.target],
+            user=take_rows(self.user_table, s.user_id),
+            item=take_rows(self.item_table, s.target),
             context=s.context,
-            hist=self.item_table[s.hist_ids],
+            hist=take_rows(self.item_table, s.hist_ids),
             hist_mask=hist_mask,
             hist_label=s.hist_labels * hist_mask,
             label=s.label,

@@ -11,21 +11,25 @@ from torch.func import functional_call
 
 from metactr.data.prepared import PreparedDataset, Split
 from metactr.models.base import CTRModel
+from metactr.train.precision import autocast
 
 
 @torch.inference_mode()
 def predict_proba(model: CTRModel, dataset: PreparedDataset, split: Split | str, *,
-                  params: Mapping[str, Tensor] | None = None, batch_size: int = 4096) -> np.ndarray:
-    """Click probabilities for every sample of ``split`` (in order), model in eval mode."""
+                  params: Mapping[str, Tensor] | None = None, batch_size: int = 4096,
+                  precision: str = "fp32") -> np.ndarray:
+    """Click probabilities for every sample of ``split`` (in order), model in eval mode;
+    ``precision`` as in ``metactr.train.precision`` (bf16: forward under autocast)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         outs = []
-        for batch in dataset.iter_batches(split, batch_size):
-            batch = batch.to(device)
-            out = model(batch) if params is None else functional_call(model, dict(params), (batch,))
-            outs.append(torch.sigmoid(out.logit).float().cpu())
+        with autocast(device, precision):  # one region for all batches: the weights are cast to bf16 once
+            for batch in dataset.iter_batches(split, batch_size):
+                batch = batch.to(device)
+                out = model(batch) if params is None else functional_call(model, dict(params), (batch,))
+                outs.append(torch.sigmoid(out.logit.float()).cpu())
         return torch.cat(outs).numpy() if outs else np.zeros(0, dtype=np.float32)
     finally:
         model.train(was_training)

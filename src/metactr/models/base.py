@@ -92,10 +92,8 @@ def objective(model: CTRModel, params: Mapping[str, Tensor] | None, batch: Batch
     """
     if params is None:
         out = model(batch)
-        named = dict(model.named_parameters())
     else:
         out = functional_call(model, dict(params), (batch,))
-        named = params
     ll = F.binary_cross_entropy_with_logits(out.logit, batch.label, reduction="none")
     if weight is None:
         loss = ll.mean() * model.logloss_weight
@@ -106,7 +104,8 @@ def objective(model: CTRModel, params: Mapping[str, Tensor] | None, batch: Batch
         loss = model.logloss_weight * (ll * weight).sum() / denom
         if model.aux_weight:
             loss = loss + model.aux_weight * (out.aux * weight).sum() / denom
-    if model.l2_weight:
+    if model.l2_weight:  # (named_parameters walks every module: only when there is an L2 term)
+        named = dict(model.named_parameters()) if params is None else params
         l2 = sum((named[n] ** 2).sum() for n in model.l2_names() if n in named)
         loss = loss + model.l2_weight * l2
     return loss, out

@@ -204,6 +204,14 @@ class TargetAttention(nn.Module):
         self.mlp = MLP(4 * dim, hidden, activation=activation, out_dim=1)
 
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.is_autocast_enabled(query.device.type):
+            # precision bf16: this small MLP's element-wise layers (Dice) cost more in bf16 than its
+            # narrow matmuls save (DIN's training step 1.4x slower on CPU, benchmarks/ab_step.py)
+            with torch.autocast(query.device.type, enabled=False):
+                return self._forward(query.float(), keys.float(), mask)
+        return self._forward(query, keys, mask)
+
+    def _forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         # The first layer sees [q, k, q-k, q*k]; with its weight split as [W_q, W_k, W_d, W_p] it
         # equals (W_q + W_d) q + [W_k - W_d, W_p] [k, q*k]: the query part is computed once per
         # sample, and the per-position matmul is half as wide (same parameters, same result).

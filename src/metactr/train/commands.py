@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from metactr.errors import DataError
+from metactr.errors import ConfigError, DataError
 
 
 def models_command() -> None:
@@ -53,19 +53,27 @@ def evaluate_command(
     split: Annotated[str, typer.Option("--split", help="Split name, e.g. test.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Also write the metrics JSON here (atomically).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8192,
+    precision: Annotated[Optional[str], typer.Option(
+        "--precision", help="fp32 or bf16 (forward under autocast); default: what the checkpoint was trained with."
+    )] = None,
 ) -> None:
     """Evaluate a checkpoint on a split: AUC, GAUC, LogLoss as JSON."""
     from metactr.data.prepared import PreparedDataset
     from metactr.train.checkpoint import load_model
+    from metactr.train.precision import PRECISIONS
     from metactr.train.trainer import evaluate
     from metactr.utils import write_json_atomic
 
     model, meta = load_model(checkpoint)
+    precision = precision or meta.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'",
+                          field="precision")
     opts = meta.get("data", {})
     dataset = PreparedDataset(data, use_ids=opts.get("use_ids", True), max_hist_len=model.spec.max_hist_len)
     check_spec(model.spec.to_dict(), dataset.spec.to_dict(), data)
     metrics = {"checkpoint": str(checkpoint), "model": meta["model"], "data": str(data), "split": split,
-               **evaluate(model, dataset, split, batch_size=batch_size)}
+               "precision": precision, **evaluate(model, dataset, split, batch_size=batch_size, precision=precision)}
     if out is not None:
         write_json_atomic(out, metrics)
     typer.echo(json.dumps(metrics, indent=2))

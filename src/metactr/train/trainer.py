@@ -39,6 +39,7 @@ from metactr.data.prepared import PreparedDataset
 from metactr.errors import ConfigError, DataError
 from metactr.eval.metrics import classification_metrics
 from metactr.eval.predict import predict_proba
+from metactr.train.precision import autocast
 from metactr.eval.report import append_jsonl, fmt, markdown_table, write_run
 from metactr.models.base import CTRModel, build_model, objective
 from metactr.train import checkpoint as ckpt
@@ -78,22 +79,26 @@ def load_dataset(data: DataConfig, run_out: str | Path) -> PreparedDataset:
 class LossModule(nn.Module):
     """``objective`` as a module, so that DDP's forward (which arms its gradient hooks) runs it."""
 
-    def __init__(self, model: CTRModel) -> None:
+    def __init__(self, model: CTRModel, precision: str = "fp32") -> None:
         super().__init__()
         self.model = model
+        self.precision = precision
 
     def forward(self, batch, scale: float):
-        loss, _ = objective(self.model, None, batch)
+        with autocast(batch.label.device, self.precision):
+            loss, _ = objective(self.model, None, batch)
+        loss = loss.float()  # a bf16 model's logit may make the loss bf16: sum and scale it in fp32
         return (loss * scale if scale != 1.0 else loss), loss.detach()
 
 
 def evaluate(model: CTRModel, dataset: PreparedDataset, split: str, *, batch_size: int = 8192,
-             device: torch.device | None = None) -> dict[str, float]:
+             device: torch.device | None = None, precision: str = "fp32") -> dict[str, float]:
     """AUC, LogLoss, GAUC (and n) of ``model`` on ``split``."""
     if device is not None:
         model.to(device)
     s = dataset.split(split)
-    prob = predict_proba(model, dataset, s, batch_size=batch_size)  # batches follow the model's device
+    # batches follow the model's device
+    prob = predict_proba(model, dataset, s, batch_size=batch_size, precision=precision)
     return finite_or_none(classification_metrics(s.label.numpy(), prob, s.user_id.numpy()))
 
 
@@ -204,6 +209,7 @@ def fit(model: CTRModel, dataset: PreparedDataset, cfg: TrainConfig, *, run_dir:
     meta = ckpt.model_meta(model, dict(cfg.model.params),
                            {"use_ids": data.use_ids, "max_hist_len": model.spec.max_hist_len,
                             "prepared": str(dataset.root)})
+    meta["precision"] = cfg.precision  # `metactr evaluate` predicts as training did unless told otherwise
     state: dict[str, Any] = {"epoch": 0, "best_auc": None, "best_epoch": None, "bad_epochs": 0,
                              "stopped_early": False, "history": []}
 
@@ -230,7 +236,7 @@ def fit(model: CTRModel, dataset: PreparedDataset, cfg: TrainConfig, *, run_dir:
         write_text_atomic(run_dir / "metrics.jsonl", "".join(_jsonl(r) for r in state["history"]))
     barrier(dist)
 
-    loss_module = LossModule(model)
+    loss_module = LossModule(model, cfg.precision)
     step_fn: nn.Module = loss_module
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -279,7 +285,8 @@ def fit(model: CTRModel, dataset: PreparedDataset, cfg: TrainConfig, *, run_dir:
                                       "train_samples_per_s": rows / train_time, "train_time_s": train_time}
             valid_auc = float("nan")
             if valid_name and main:
-                vm = evaluate(model, dataset, valid_name, batch_size=cfg.eval_batch_size, device=device)
+                vm = evaluate(model, dataset, valid_name, batch_size=cfg.eval_batch_size, device=device,
+                              precision=cfg.precision)
                 record.update({f"valid_{k}": v for k, v in vm.items() if k != "n"})
                 valid_auc = float("nan") if vm["auc"] is None else vm["auc"]
             valid_auc = broadcast_float(valid_auc, dist, device)
@@ -364,7 +371,8 @@ def _finish(model: CTRModel, dataset: PreparedDataset, cfg: TrainConfig, run_dir
         raise DataError(f"no test split '{cfg.data.test_split}'", path=dataset.root)
     for split in (valid_name, test_name):
         if split:
-            results["metrics"][split] = evaluate(model, dataset, split, batch_size=cfg.eval_batch_size, device=device)
+            results["metrics"][split] = evaluate(model, dataset, split, batch_size=cfg.eval_batch_size, device=device,
+                                                 precision=cfg.precision)
     rows = [[s, m["auc"], m.get("gauc", float("nan")), m["logloss"], m["n"]] for s, m in results["metrics"].items()]
     md = (f"# {model.name}: best epoch {state['best_epoch']} of {state['epoch']}\n\n"
           + markdown_table(["split", "AUC", "GAUC", "LogLoss", "n"], rows))
