@@ -8,7 +8,7 @@ from pydantic import Field as PField
 
 from metactr.cli import main
 from metactr.config import StrictModel, load_config
-from metactr.data.batch import FeatureSpec, Field
+from metactr.data.batch import FeatureSpec, Field, take_rows
 from metactr.errors import ConfigError
 from metactr.models.layers import FieldEmbedding, TargetAttention
 from metactr.models.rnn import GRU, LSTM
@@ -115,3 +115,13 @@ def test_pad_lists_handles_empty_null_and_long_lists():
 def test_every_command_builds_its_help(argv, capsys):
     # a command whose options typer cannot build would break *every* invocation of the CLI
     assert main(argv) == 0
+
+
+def test_take_rows_equals_advanced_indexing():
+    x = torch.arange(60).view(12, 5)
+    for idx in (torch.tensor([3, 0, 11, 3]), torch.tensor([[1, 2], [0, 7]]), torch.tensor([], dtype=torch.long),
+                torch.tensor([2, 5], dtype=torch.int32), slice(2, 6), torch.arange(12) % 3 == 0):
+        torch.testing.assert_close(take_rows(x, idx), x[idx], atol=0, rtol=0)
+    assert take_rows(x, torch.tensor([[1, 2], [0, 7]])).shape == (2, 2, 5)
+    with pytest.raises(IndexError):
+        take_rows(x, torch.tensor([12]))  # out of range is an error, as with x[idx]
