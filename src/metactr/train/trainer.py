@@ -39,13 +39,13 @@ from metactr.data.prepared import PreparedDataset
 from metactr.errors import ConfigError, DataError
 from metactr.eval.metrics import classification_metrics
 from metactr.eval.predict import predict_proba
-from metactr.train.precision import autocast
 from metactr.eval.report import append_jsonl, fmt, markdown_table, write_run
 from metactr.models.base import CTRModel, build_model, objective
 from metactr.train import checkpoint as ckpt
 from metactr.train.config import DataConfig, TrainConfig, expand_path
 from metactr.train.distributed import DistInfo, barrier, broadcast_float, init_from_env, shutdown
 from metactr.train.optim import build_optimizer
+from metactr.train.precision import autocast
 from metactr.utils import seed_everything, write_text_atomic
 
 Logger = Callable[[str], None]
