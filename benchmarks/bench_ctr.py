@@ -20,6 +20,10 @@ test set with batch 1024 (one pass is well under a second: a scheduling hiccup h
 (``--omp-wait-policy``) so that a busy machine does not make spinning OpenMP threads stall. Results: printed, and written to
 ``benchmarks/results/bench_ctr.json``.
 
+``--precision bf16`` (default ``fp32``; or per model, ``deepfm=bf16,din=fp32``) runs our side under
+bfloat16 autocast (``metactr.train.precision``); DeepCTR-Torch has no mixed precision and runs
+fp32. The report records each side's precision.
+
 ``--device cuda`` (default ``cpu``) runs both libraries on the GPU: our model and batches on the
 device (the trainer's ``train_epoch``), DeepCTR-Torch with ``device='cuda:0'``; the clocks stop
 after ``torch.cuda.synchronize()``, and each worker also reports its peak GPU memory. A
