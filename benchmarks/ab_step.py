@@ -52,15 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     from metactr.train.precision import autocast
     from metactr.train.trainer import LossModule
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_ctr import model_hparams  # the same models as the benchmark
+
     if not args.data.is_dir():
         raise SystemExit(f"{args.data} not found: run benchmarks/bench_ctr.py once (or pass --data)")
     ds = prepared.PreparedDataset(args.data)
     split = ds.split("test" if args.predict else "train")
     torch.manual_seed(0)
-    hp = {"embed_dim": 16, "hidden": (256, 128)}
-    if args.model == "din":
-        hp.update(activation="relu", att_hidden=(64, 16), att_activation="dice", attention_mode="weights")
-    model = build_model(args.model, ds.spec, **hp)
+    model = build_model(args.model, ds.spec, **model_hparams(args.model))
     opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=1e-3))
     loss_fn = LossModule(model)
     gen = torch.Generator().manual_seed(0)

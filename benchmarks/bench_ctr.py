@@ -122,6 +122,14 @@ def _peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- our worker
+def model_hparams(model_name: str) -> dict:
+    """Our model's hyper-parameters, matching DeepCTR-Torch's set-up below (also used by ab_step.py)."""
+    hp = {"embed_dim": EMBED, "hidden": DNN}
+    if model_name == "din":
+        hp.update(activation="relu", att_hidden=DIN_ATT, att_activation="dice", attention_mode="weights")
+    return hp
+
+
 def run_ours(model_name: str, data: Path, threads: int, seed: int, device: str = "cpu",
              precision: str = "fp32") -> dict:
     import torch
@@ -139,10 +147,7 @@ def run_ours(model_name: str, data: Path, threads: int, seed: int, device: str =
     dev = torch.device(device)
     ds = PreparedDataset(data)
     train, test = ds.split("train"), ds.split("test")
-    hp = {"embed_dim": EMBED, "hidden": DNN}
-    if model_name == "din":
-        hp.update(activation="relu", att_hidden=DIN_ATT, att_activation="dice", attention_mode="weights")
-    model = build_model(model_name, ds.spec, **hp).to(dev)
+    model = build_model(model_name, ds.spec, **model_hparams(model_name)).to(dev)
     opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=LR))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
@@ -255,9 +260,12 @@ def _precision_by_model(text: str, models: list[str]) -> dict[str, str]:
             if name.strip() not in out:
                 raise SystemExit(f"--precision: unknown model '{name.strip()}' (running {', '.join(models)})")
             out[name.strip()] = value.strip()
-    bad = sorted({v for v in out.values() if v not in ("fp32", "bf16")})
+    sys.path.insert(0, str(ROOT / "src"))  # the orchestrator runs in the project venv
+    from metactr.train.precision import PRECISIONS
+
+    bad = sorted({v for v in out.values() if v not in PRECISIONS})
     if bad:
-        raise SystemExit(f"--precision: {', '.join(bad)} is not fp32 or bf16")
+        raise SystemExit(f"--precision: {', '.join(bad)} is not one of {', '.join(PRECISIONS)}")
     return out
 
 

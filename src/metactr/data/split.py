@@ -275,6 +275,13 @@ def write_random(log: Log, out_dir: Path, *, cfg, chunk_rows: int) -> tuple[dict
 
 
 # ---------------------------------------------------------------------------------------- metaselector
+def leading_count(n: np.ndarray, fraction: float) -> np.ndarray:
+    """How many of each user's ``n`` chronologically first rows go to the first part of a cut at
+    ``fraction``: ``round(n * fraction)``, at least 1 and, where ``n >= 2``, at most ``n - 1``
+    (both parts non-empty). Shared by the MetaSelector pipeline and its validation protocol."""
+    return np.clip(np.rint(n * fraction), 1, np.maximum(n - 1, 1)).astype(np.int64)
+
+
 def write_metaselector(log: Log, out_dir: Path, *, n_user_codes: int, cfg, chunk_rows: int) -> tuple[dict, dict]:
     ms = cfg.metaselector
     users = unique_sorted(log.user)
@@ -290,8 +297,8 @@ def write_metaselector(log: Log, out_dir: Path, *, n_user_codes: int, cfg, chunk
             s = build_samples(ch.user, ch.item, ch.label, max_len=cfg.session.max_len, stride=1, min_hist=1)
             pos, cnt = positions(ch.user)
             pos, cnt = pos[s.target_idx], cnt[s.target_idx]
-            n_train = np.clip(np.rint(cnt * ms.train_fraction), 1, np.maximum(cnt - 1, 1))
-            n_support = np.clip(np.rint(n_train * ms.support_fraction), 1, np.maximum(n_train - 1, 1))
+            n_train = leading_count(cnt, ms.train_fraction)
+            n_support = leading_count(n_train, ms.support_fraction)
             new = is_new[ch.user[s.target_idx]]
             part = np.where(pos < n_support, 0, np.where(pos < n_train, 1, 2))
             part = np.where(new, np.where(pos < n_train, 3, 4), part)

@@ -275,6 +275,8 @@ class SelectorData:
         rest (query), as the pipeline cuts the training rows. Meta-test users are the training
         users (disjoint ones are unread).
         """
+        from metactr.data.split import leading_count
+
         if support_fraction is None:
             from metactr.data.pipeline import MetaSelectorConfig
 
@@ -289,8 +291,7 @@ class SelectorData:
         idx = UserIndex.build(sup)
         first = torch.repeat_interleave(idx.starts, idx.counts)  # group start of each grouped row
         rank = torch.arange(len(idx.rows)) - first  # chronological rank within the user's rows
-        n_sup = torch.round(idx.counts.double() * support_fraction).long()
-        n_sup = torch.minimum(n_sup.clamp_min(1), (idx.counts - 1).clamp_min(1))
+        n_sup = torch.from_numpy(leading_count(idx.counts.numpy(), support_fraction))  # the pipeline's rule
         in_sup = rank < torch.repeat_interleave(n_sup, idx.counts)
         inner_sup = sup.subset(torch.sort(idx.rows[in_sup]).values)
         inner_qry = sup.subset(torch.sort(idx.rows[~in_sup]).values)
@@ -603,9 +604,11 @@ def _score_with_weights(model: CTRModel, params: Mapping[str, Tensor], batch: Ba
 
 
 def _pretrained(cfg: SelectorExperiment, ds: PreparedDataset, split: Split, g: torch.Generator, *,
-                min_epochs: int = 1, log: Callable[[str], None] | None = None) -> list[CTRModel]:
-    """Fresh base models pre-trained on ``split`` (at least ``min_epochs`` epochs each)."""
-    models = build_base_models(cfg, ds, resolve_device(cfg.device))
+                min_epochs: int = 1, log: Callable[[str], None] | None = None,
+                device: torch.device | None = None) -> list[CTRModel]:
+    """Fresh base models pre-trained on ``split`` (at least ``min_epochs`` epochs each), on
+    ``device`` (default: the one ``cfg.device`` names)."""
+    models = build_base_models(cfg, ds, device or resolve_device(cfg.device))
     for m, b in zip(models, cfg.base_models, strict=True):
         hist = pretrain(m, b, ds, split, epochs=max(base_epochs(cfg, b), min_epochs),
                         batch_size=cfg.pretrain.batch_size, generator=g)
@@ -638,7 +641,8 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)  # fails early, with the field, where CUDA is missing
-    bases = (_pretrained(cfg, ds, data.train, g, min_epochs=0, log=log) if cfg.pretrain.enabled
+    bases = (_pretrained(cfg, ds, data.train, g, min_epochs=0, log=log, device=device)
+             if cfg.pretrain.enabled
              else build_base_models(cfg, ds, device))
     secs["pretrain"] = time.perf_counter() - t0
     P = _probs(bases, ds, data.test, bs)
@@ -652,7 +656,7 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
         t0 = time.perf_counter()
         sc = cfg.sample_selector
         if sc.refit_bases:  # as the paper: base models trained on the 75% part only
-            sbases = _pretrained(cfg, ds, data.support, g)
+            sbases = _pretrained(cfg, ds, data.support, g, device=device)
         sel_bases = sbases if sc.refit_bases else bases
         sel = sb.SampleLevelSelector(ds, len(names), hidden=sc.hidden, embed_dim=sc.embed_dim)
         sel.fit(data.query, _probs(sel_bases, ds, data.query, bs), epochs=sc.epochs, batch_size=sc.batch_size,
@@ -663,7 +667,7 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
     meta_bases = bases
     if cfg.pretrain.meta_bases == "support":  # query rows held out for the base models
         if sbases is None:
-            sbases = _pretrained(cfg, ds, data.support, g)
+            sbases = _pretrained(cfg, ds, data.support, g, device=device)
         meta_bases = sbases
     stats: dict[str, dict[str, Any]] = {}
     variants = [("metaselector", ("base", "selector"), True)]

@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 
 from metactr.config import StrictModel, load_config
 from metactr.errors import ConfigError
+from metactr.train.precision import Precision
 from metactr.utils import data_root
 
 _VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
@@ -98,7 +99,7 @@ class TrainConfig(StrictModel):
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch default
     out: str = "runs/train"
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: forward under torch.autocast (train.precision)
+    precision: Precision = "fp32"  # bf16: forward under torch.autocast (train.precision)
     progress: bool = True  # Rich bar (also off when stderr is not a TTY or $CI is set)
     tensorboard: bool = True  # when the tensorboard package is installed
 

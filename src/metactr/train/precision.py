@@ -15,10 +15,12 @@ step 1.4x slower. Test AUC after one epoch is unchanged within seed noise (``doc
 from __future__ import annotations
 
 import contextlib
+from typing import Literal, get_args
 
 import torch
 
-PRECISIONS = ("fp32", "bf16")
+Precision = Literal["fp32", "bf16"]  # the config field's type; PRECISIONS is derived from it
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 def autocast(device: torch.device | str, precision: str = "fp32"):
