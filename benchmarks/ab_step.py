@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from metactr.data.batch import take_rows
     from metactr.models.base import build_model
     from metactr.train.config import OptimConfig
-    from metactr.train.optim import build_optimizer
-    from metactr.train.precision import autocast
+    from metactr.engine.optim import build_optimizer
+    from metactr.engine.precision import autocast
     from metactr.train.trainer import LossModule
 
     sys.path.insert(0, str(ROOT / "benchmarks"))

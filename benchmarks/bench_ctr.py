@@ -21,7 +21,7 @@ test set with batch 1024 (one pass is well under a second: a scheduling hiccup h
 ``benchmarks/results/bench_ctr.json``.
 
 ``--precision bf16`` (default ``fp32``; or per model, ``deepfm=bf16,din=fp32``) runs our side under
-bfloat16 autocast (``metactr.train.precision``); DeepCTR-Torch has no mixed precision and runs
+bfloat16 autocast (``metactr.engine.precision``); DeepCTR-Torch has no mixed precision and runs
 fp32. The report records each side's precision.
 
 ``--device cuda`` (default ``cpu``) runs both libraries on the GPU: our model and batches on the
@@ -139,7 +139,7 @@ def run_ours(model_name: str, data: Path, threads: int, seed: int, device: str =
     from metactr.eval.metrics import auc
     from metactr.eval.predict import predict_proba
     from metactr.models.base import build_model
-    from metactr.train.optim import build_optimizer
+    from metactr.engine.optim import build_optimizer
     from metactr.train.config import OptimConfig
     from metactr.train.trainer import LossModule, _global_batch_sizes, train_epoch
 
@@ -261,7 +261,7 @@ def _precision_by_model(text: str, models: list[str]) -> dict[str, str]:
                 raise SystemExit(f"--precision: unknown model '{name.strip()}' (running {', '.join(models)})")
             out[name.strip()] = value.strip()
     sys.path.insert(0, str(ROOT / "src"))  # the orchestrator runs in the project venv
-    from metactr.train.precision import PRECISIONS
+    from metactr.engine.precision import PRECISIONS
 
     bad = sorted({v for v in out.values() if v not in PRECISIONS})
     if bad:
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(ours first, then theirs first, ...); ratios = median of the per-round ratios")
     ap.add_argument("--precision", default="fp32",
                     help="our library's precision: fp32 (default) or bf16 for every model, or per model, "
-                         "e.g. deepfm=bf16,din=fp32 (metactr.train.precision; DeepCTR-Torch always runs fp32)")
+                         "e.g. deepfm=bf16,din=fp32 (metactr.engine.precision; DeepCTR-Torch always runs fp32)")
     ap.add_argument("--worker", choices=["ours", "deepctr"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 

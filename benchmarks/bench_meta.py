@@ -39,8 +39,8 @@ from torch import Tensor
 
 from metactr.data.prepared import PreparedDataset
 from metactr.data.tasks import UserTaskSampler
-from metactr.meta.functional import live_params, maml_outer_loss
-from metactr.meta.strategies import StrategyConfig, train
+from metactr.engine.functional import live_params, maml_outer_loss
+from metactr.strategies.base import StrategyConfig, train
 from metactr.models.base import build_model, objective
 
 

@@ -51,9 +51,9 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from metactr.meta.functional import local_tables_default
-    from metactr.meta.selector import MetaSelector
-    from metactr.meta.selector_train import (MetaTrainConfig, SelectorData, SelectorExperiment,
+    from metactr.engine.functional import local_tables_default
+    from metactr.models.metaselector import MetaSelector
+    from metactr.papers.metaselector.train import (MetaTrainConfig, SelectorData, SelectorExperiment,
                                              build_base_models, meta_train, write_toy_dataset)
     from metactr.utils import data_root
 
@@ -122,8 +122,8 @@ def main() -> int:
 def table_rows(data, bases, args) -> dict:
     """Mean rows per task-local table over a few episodes, against the full table's rows."""
     from metactr.data.tasks import task_batch
-    from metactr.meta.local_tables import task_rows, unique_rows
-    from metactr.meta.selector_train import UserIndex
+    from metactr.engine.local_tables import task_rows, unique_rows
+    from metactr.papers.metaselector.train import UserIndex
 
     emb = next(m for b in bases for m in b.modules() if type(m).__name__ == "FieldEmbedding")
     sup_idx, qry_idx = UserIndex.build(data.support), UserIndex.build(data.query)

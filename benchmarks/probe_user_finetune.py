@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from metactr.config import load_config
     from metactr.eval.metrics import auc, logloss
     from metactr.eval.predict import predict_proba
-    from metactr.meta.selector_train import SelectorData, SelectorExperiment, _pretrained, meta_test
+    from metactr.papers.metaselector.train import SelectorData, SelectorExperiment, _pretrained, meta_test
     from metactr.utils import seed_everything, write_json_atomic
 
     torch.set_num_threads(args.threads)

@@ -9,11 +9,11 @@ import torch
 from metactr.data.batch import Batch, FeatureSpec, Field
 from metactr.data.prepared import PreparedDataset
 from metactr.errors import ConfigError
-from metactr.meta.cold_start_baselines import (TRAINERS, item_target_counts, item_task_batches,
+from metactr.strategies.cold_start import (TRAINERS, item_target_counts, item_task_batches,
                                                meta_embedding_loss)
-from metactr.meta.functional import live_params, maml_outer_loss
-from metactr.meta.protocol import write_toy_rml_dataset
-from metactr.meta.strategies import StrategyConfig
+from metactr.engine.functional import live_params, maml_outer_loss
+from metactr.papers.rml.protocol import write_toy_rml_dataset
+from metactr.strategies.base import StrategyConfig
 from metactr.models.base import build_model, objective, registry
 
 SPEC = FeatureSpec(user=(Field("user_id", 20), Field("age", 5), Field("tags", 4, max_len=2)),
@@ -270,7 +270,7 @@ def test_reproduce_rml_runs_the_meta_learning_baselines(tmp_path):
     import json
 
     from metactr.cli import main
-    from metactr.meta.rml_commands import ReproduceConfig, method_config
+    from metactr.papers.rml.reproduce import ReproduceConfig, method_config
 
     assert {m: method_config(ReproduceConfig(), m).strategy for m in ("meta_e", "melu", "mamo")} == \
         {"meta_e": "meta_embedding", "melu": "melu", "mamo": "mamo"}

@@ -27,12 +27,13 @@ import torch
 
 from metactr.data.prepared import PreparedDataset
 from metactr.eval.predict import predict_proba
-from metactr.meta.functional import MetaSGDRates, adapt_and_predict, live_params, maml_outer_loss
+from metactr.engine.functional import MetaSGDRates, adapt_and_predict, live_params, maml_outer_loss
 from metactr.models.base import build_model
 from metactr.train import checkpoint as ckpt
 from metactr.train.config import OptimConfig
-from metactr.train.optim import FTRL, build_optimizer
-from metactr.train.trainer import LossModule, fit, has_unused_parameters, resolve_device, train_epoch
+from metactr.engine.optim import FTRL, build_optimizer
+from metactr.engine.device import resolve_device
+from metactr.train.trainer import LossModule, fit, has_unused_parameters, train_epoch
 from test_local_tables import T as LT_TASKS
 from test_local_tables import make_batch, tiny, tiny_selector, used_params
 from test_meta_engine import random_batch, tiny_model
@@ -320,7 +321,7 @@ def test_adam_on_device_is_fused_and_matches_cpu():
 def test_metaselector_run_seed_on_device_matches_cpu(tmp_path):
     """Every method of one MetaSelector seed (pre-training, meta-training with Meta-SGD,
     vmapped meta-test fine-tuning at fixed rates) on DEVICE against the same seed on CPU."""
-    from metactr.meta.selector_train import BaseModelConfig, SelectorData, SelectorExperiment, run_seed, \
+    from metactr.papers.metaselector.train import BaseModelConfig, SelectorData, SelectorExperiment, run_seed, \
         write_toy_dataset
 
     write_toy_dataset(tmp_path / "toy", n_users=24, n_items=30, seed=1)

@@ -1,4 +1,4 @@
-"""Task-local embedding tables in the meta-learning engine (metactr.meta.local_tables).
+"""Task-local embedding tables in the meta-learning engine (metactr.engine.local_tables).
 
 The meta-gradient with local tables must equal the dense one (every registered model, and a
 MetaSelector over LR/FM/FFM/DeepFM with every parameter adapted); adapted rows must match the
@@ -13,11 +13,11 @@ import torch
 
 from metactr.data.batch import Batch, FeatureSpec, Field
 from metactr.errors import ConfigError, DataError
-from metactr.meta import functional as fn
-from metactr.meta.functional import (MetaSGDRates, adapt_and_predict, fast_adapt, inner_adapt, live_params,
+from metactr.engine import functional as fn
+from metactr.engine.functional import (MetaSGDRates, adapt_and_predict, fast_adapt, inner_adapt, live_params,
                                      local_tables_default, maml_outer_loss)
-from metactr.meta.local_tables import localisable_tables, plan_local_tables, task_rows, unique_rows
-from metactr.meta.selector import MetaSelector
+from metactr.engine.local_tables import localisable_tables, plan_local_tables, task_rows, unique_rows
+from metactr.models.metaselector import MetaSelector
 from metactr.models.base import build_model, objective, registry
 from metactr.models.layers import FieldEmbedding
 

@@ -1,4 +1,4 @@
-"""The torch.func meta-learning engine (metactr.meta.functional) and user tasks (metactr.data.tasks)."""
+"""The torch.func meta-learning engine (metactr.engine.functional) and user tasks (metactr.data.tasks)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from metactr.data.batch import Batch, FeatureSpec, Field
 from metactr.data.prepared import PreparedDataset
 from metactr.data.tasks import UserTaskSampler, pad_tasks, task_batch
-from metactr.meta.functional import (MetaSGDRates, fast_adapt, inner_adapt, live_params,
+from metactr.engine.functional import (MetaSGDRates, fast_adapt, inner_adapt, live_params,
                                      maml_outer_loss)
-from metactr.meta.protocol import write_toy_rml_dataset
+from metactr.papers.rml.protocol import write_toy_rml_dataset
 from metactr.models.base import build_model, objective
 
 SPEC = FeatureSpec(user=(Field("user_id", 20), Field("age", 5)),

@@ -9,7 +9,7 @@ import torch
 
 from metactr.errors import ConfigError
 from metactr.train.config import OptimConfig
-from metactr.train.optim import FTRL, build_optimizer
+from metactr.engine.optim import FTRL, build_optimizer
 
 
 def _step(opt: FTRL, p: torch.Tensor, grad: list[float]) -> None:

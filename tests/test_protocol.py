@@ -1,4 +1,4 @@
-"""The RML protocol (metactr.meta.protocol) and ``metactr reproduce rml``."""
+"""The RML protocol (metactr.papers.rml.protocol) and ``metactr reproduce rml``."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 
 from metactr.cli import main
 from metactr.data.prepared import PreparedDataset
-from metactr.meta.protocol import (ProtocolConfig, finetune, run_protocol, scored_rows,
+from metactr.papers.rml.protocol import (ProtocolConfig, finetune, run_protocol, scored_rows,
                                    write_toy_rml_dataset)
-from metactr.meta.strategies import STRATEGIES, StrategyConfig, train
+from metactr.strategies.base import STRATEGIES, StrategyConfig, train
 from metactr.models.base import build_model
 
 SMALL_RML = {"embed_dim": 4, "att_hidden": [8], "lstm_hidden": 4, "mlp_hidden": [8], "aux_hidden": [4]}

@@ -1,4 +1,4 @@
-"""The RML model (metactr.models.rml) and its two-phase strategy (metactr.meta.strategies)."""
+"""The RML model (metactr.models.rml) and its two-phase strategy (metactr.strategies.base)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from torch.func import functional_call, vmap
 
 from metactr.data.batch import Batch, FeatureSpec, Field
-from metactr.meta.functional import live_params
-from metactr.meta.strategies import StrategyConfig, split_point, two_phase_step
+from metactr.engine.functional import live_params
+from metactr.strategies.base import StrategyConfig, split_point, two_phase_step
 from metactr.models.base import build_model, objective
 
 SPEC = FeatureSpec(user=(Field("user_id", 20), Field("age", 5)),

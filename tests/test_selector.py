@@ -9,10 +9,10 @@ import torch
 from metactr.data.batch import Batch, FeatureSpec, Field
 from metactr.errors import ConfigError, DataError
 from metactr.eval.metrics import logloss
-from metactr.meta import selector_baselines as sb
-from metactr.meta.functional import MetaSGDRates, live_params
-from metactr.meta.selector import MetaSelector
-from metactr.meta.selector_train import (
+from metactr.papers.metaselector import baselines as sb
+from metactr.engine.functional import MetaSGDRates, live_params
+from metactr.models.metaselector import MetaSelector
+from metactr.papers.metaselector.train import (
     BaseModelConfig,
     MetaTrainConfig,
     SelectorData,
@@ -272,7 +272,7 @@ def test_config_rejects_bad_meta_test_lr(bad):
 
 def test_config_rejects_a_bad_device_and_cuda_where_there_is_none(toy_dir):
     from metactr.config import validate
-    from metactr.meta.selector_train import run_seed
+    from metactr.papers.metaselector.train import run_seed
 
     with pytest.raises(ConfigError, match="device"):
         validate(SelectorExperiment, {"device": "gpu"})
@@ -343,7 +343,7 @@ def test_sample_level_selector_learns_labels_and_mixes(toy_dir):
 
 
 def test_run_seed_produces_every_method_with_bounds(toy_dir):
-    from metactr.meta.selector_train import run_seed
+    from metactr.papers.metaselector.train import run_seed
 
     data = SelectorData.load(toy_dir, disjoint=False)
     cfg = SelectorExperiment(
@@ -388,7 +388,7 @@ def test_forward_with_weights_gives_the_logit_and_log_lambda():
 
 
 def test_lambda_stats_tell_a_uniform_mix_from_a_collapsed_or_per_user_one():
-    from metactr.meta.selector_train import lambda_stats, rate_stats
+    from metactr.papers.metaselector.train import lambda_stats, rate_stats
 
     users = np.array([1, 1, 2, 2, 3, 3])
     uni = lambda_stats(np.full((6, 4), 0.25), users, list("abcd"))
@@ -408,7 +408,7 @@ def test_lambda_stats_tell_a_uniform_mix_from_a_collapsed_or_per_user_one():
 
 
 def test_meta_test_returns_every_column_of_a_wide_score(toy_dir):
-    from metactr.meta.selector_train import _score_with_weights
+    from metactr.papers.metaselector.train import _score_with_weights
 
     data = SelectorData.load(toy_dir, disjoint=False)
     model = tiny_selector(2, spec=data.ds.spec)
@@ -421,8 +421,8 @@ def test_meta_test_returns_every_column_of_a_wide_score(toy_dir):
 
 
 def test_ftrl_settings_reach_the_optimizer_and_beta_per_batch_learns_lr(toy_dir):
-    from metactr.meta.selector_train import _optimizer, base_epochs, pretrain
-    from metactr.train.optim import FTRL
+    from metactr.papers.metaselector.train import _optimizer, base_epochs, pretrain
+    from metactr.engine.optim import FTRL
 
     data = SelectorData.load(toy_dir, disjoint=False)
     b = BaseModelConfig(name="lr", optimizer="ftrl", lr=0.1, beta=1e-3, l1=0.01, l2=0.5, epochs=4)
@@ -452,8 +452,8 @@ def test_vectorized_meta_test_equals_the_per_user_path_with_the_paper_bases(toy_
     once, task-local tables) gives the per-user ``adapt`` + score numbers, logit and log lambda,
     with LR / FM / FFM / DeepFM bases (shared multi-valued genre field, histories); with the
     plain logit as score it is the engine's default output."""
-    from metactr.meta.functional import adapt_and_predict
-    from metactr.meta.selector_train import _score_with_weights, build_base_models
+    from metactr.engine.functional import adapt_and_predict
+    from metactr.papers.metaselector.train import _score_with_weights, build_base_models
 
     data = SelectorData.load(toy_dir, disjoint=False)
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from metactr.cli import main
-from metactr.meta.selector_commands import aggregate, render_markdown
-from metactr.meta.selector_train import SeedResult, write_toy_dataset
+from metactr.papers.metaselector.commands import aggregate, render_markdown
+from metactr.papers.metaselector.train import SeedResult, write_toy_dataset
 
 TINY = ["--set", "base_models=[{name: lr, optimizer: ftrl, lr: 0.05}, {name: fm, hp: {embed_dim: 4}}, "
         "{name: basic, hp: {embed_dim: 4, hidden: [8]}}]",

@@ -5,8 +5,8 @@ traceback (set ``METACTR_DEBUG=1`` to see one). Each concern owns its commands m
 
     data ...            metactr.data.commands      (download, synth, prepare, stats)
     models/train/evaluate  metactr.train.commands
-    reproduce rml       metactr.meta.rml_commands
-    reproduce metaselector  metactr.meta.selector_commands
+    reproduce rml       metactr.papers.rml.reproduce
+    reproduce metaselector  metactr.papers.metaselector.commands
     serve               metactr.serve.commands
 """
 
@@ -32,7 +32,8 @@ reproduce_app = typer.Typer(no_args_is_help=True, help="Reproduce a paper's expe
 def _register_all() -> None:
     from metactr.data import commands as data_commands
     from metactr.demo import register as register_demo
-    from metactr.meta import rml_commands, selector_commands
+    from metactr.papers.metaselector import commands as selector_commands
+    from metactr.papers.rml import reproduce as rml_commands
     from metactr.serve import commands as serve_commands
     from metactr.train import commands as train_commands
 

@@ -46,8 +46,8 @@ def rml_step(prepared: Path, out: Path, *, epochs: float = 2.0, seed: int = DEMO
 
     from metactr.data.prepared import PreparedDataset
     from metactr.eval.report import markdown_table, write_run
-    from metactr.meta.protocol import STAGE_LABELS, ProtocolConfig, run_protocol
-    from metactr.meta.strategies import StrategyConfig
+    from metactr.papers.rml.protocol import STAGE_LABELS, ProtocolConfig, run_protocol
+    from metactr.strategies.base import StrategyConfig
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     ds = PreparedDataset(prepared)

@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from metactr.data.prepared import PreparedDataset, Split
 from metactr.models.base import CTRModel
-from metactr.train.precision import autocast
+from metactr.engine.precision import autocast
 
 
 @torch.inference_mode()
@@ -19,7 +19,7 @@ def predict_proba(model: CTRModel, dataset: PreparedDataset, split: Split | str,
                   params: Mapping[str, Tensor] | None = None, batch_size: int = 4096,
                   precision: str = "fp32") -> np.ndarray:
     """Click probabilities for every sample of ``split`` (in order), model in eval mode;
-    ``precision`` as in ``metactr.train.precision`` (bf16: forward under autocast)."""
+    ``precision`` as in ``metactr.engine.precision`` (bf16: forward under autocast)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

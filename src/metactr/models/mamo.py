@@ -12,7 +12,7 @@ read with one attention over the user's *profile*:
   carries the preference commonality of similar users.
 
 Meta-training is MAML over users through the shared engine
-(``metactr.meta.cold_start_baselines.train_mamo``): the local update adapts the user/item
+(``metactr.strategies.cold_start.train_mamo``): the local update adapts the user/item
 embedding layers and the recommendation layers (``user_enc``, ``item_enc``, ``rec``), starting
 from the memory-personalised values, and the global update trains everything.
 

@@ -4,7 +4,7 @@ MeLU embeds the *features* of the user and of the item (not their ids, so that a
 item is described by its attributes), concatenates them and scores the pair with a decision MLP
 (two hidden layers of 64 ReLU units and a linear output in the paper). Meta-training is MAML over
 users whose local update adapts only the decision layers, the embeddings staying fixed: that is
-``metactr.meta.cold_start_baselines.train_melu`` (the shared engine, ``adapt_groups=["decision"]``).
+``metactr.strategies.cold_start.train_melu`` (the shared engine, ``adapt_groups=["decision"]``).
 
 Deviations, on purpose (the RML protocol, MM'22 sec. 4.2):
 * a sample is a *session* and its target: with ``use_history`` (default) the session is one more

@@ -15,7 +15,7 @@ on items simulated as new (``cold_warm_losses``):
 At deployment the generated vector is written into the id table row of each cold item
 (``install``) and then trained as usual: in the RML protocol that is the FT-A/B/C fine-tuning.
 The training procedure (pre-train base, meta-train G, install) is
-``metactr.meta.cold_start_baselines.train_meta_embedding``.
+``metactr.strategies.cold_start.train_meta_embedding``.
 
 ``forward`` is the base model's (a pure function of (params, batch)); ``cold_warm_losses``
 computes the meta loss for a meta-batch of T items at once: the generated vectors are appended

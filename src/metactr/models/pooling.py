@@ -12,7 +12,7 @@ it supports ``vmap`` and double backward (meta-learning needs both). Two evaluat
 * ``table``: ``A @ W`` with the bag matrix ``A[..., f, r] = sum of coef over slots reading row
   r`` (a ``scatter_add`` of constants): no lookup at all, and the table's gradient is
   ``A^T @ grad`` instead of an index_add. It pays when the table is small against the number of
-  pooled slots: a task-local table of a few hundred rows (``metactr.meta.local_tables``) pooled
+  pooled slots: a task-local table of a few hundred rows (``metactr.engine.local_tables``) pooled
   over 10 session items x 8 slots per row. Measured on CPU, 1 thread, ML-1M sizes (64 rows,
   L*S = 80, FFM's D = 130, fwd + double backward): under ``vmap`` over 10 tasks with U = 300
   local rows, 10 ms against 73 ms for the gather (vmap's batched ``index_select`` is a slow

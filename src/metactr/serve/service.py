@@ -26,7 +26,7 @@ from metactr.data.batch import Batch
 from metactr.data.encode import load_vocabs
 from metactr.data.prepared import PreparedDataset
 from metactr.errors import ConfigError, DataError
-from metactr.meta.functional import fast_adapt
+from metactr.engine.functional import fast_adapt
 from metactr.train.checkpoint import load_model
 
 

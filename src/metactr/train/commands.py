@@ -60,7 +60,7 @@ def evaluate_command(
     """Evaluate a checkpoint on a split: AUC, GAUC, LogLoss as JSON."""
     from metactr.data.prepared import PreparedDataset
     from metactr.train.checkpoint import load_model
-    from metactr.train.precision import PRECISIONS
+    from metactr.engine.precision import PRECISIONS
     from metactr.train.trainer import evaluate
     from metactr.utils import write_json_atomic
 

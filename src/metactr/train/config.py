@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from metactr.config import StrictModel, load_config
 from metactr.errors import ConfigError
-from metactr.train.precision import Precision
+from metactr.engine.precision import Precision
 from metactr.utils import data_root
 
 _VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")

@@ -37,6 +37,7 @@ from torch import nn
 from metactr.config import dump_config, validate
 from metactr.data.prepared import PreparedDataset
 from metactr.errors import ConfigError, DataError
+from metactr.engine.device import resolve_device
 from metactr.eval.metrics import classification_metrics
 from metactr.eval.predict import predict_proba
 from metactr.eval.report import append_jsonl, fmt, markdown_table, write_run
@@ -44,23 +45,14 @@ from metactr.models.base import CTRModel, build_model, objective
 from metactr.train import checkpoint as ckpt
 from metactr.train.config import DataConfig, TrainConfig, expand_path
 from metactr.train.distributed import DistInfo, barrier, broadcast_float, init_from_env, shutdown
-from metactr.train.optim import build_optimizer
-from metactr.train.precision import autocast
+from metactr.engine.optim import build_optimizer
+from metactr.engine.precision import autocast
 from metactr.utils import seed_everything, write_text_atomic
 
 Logger = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- set-up helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available", field="device")
-    return dev
-
-
 def prepared_dir(data: DataConfig, run_out: str | Path) -> Path:
     """The prepared directory of ``data``: given, or made from raw files (cached)."""
     if data.prepared is not None:

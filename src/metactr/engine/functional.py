@@ -9,7 +9,7 @@ so that ``vmap`` can run the inner loops of all tasks of a meta-batch at once.
 Tasks in a meta-batch are padded to a common size (``metactr.data.tasks.pad_tasks``); padded
 rows carry weight 0, so they influence neither the inner nor the outer loss.
 
-Adapted embedding tables are task-local by default (``metactr.meta.local_tables``): each task
+Adapted embedding tables are task-local by default (``metactr.engine.local_tables``): each task
 adapts only the rows its support and query batches touch, which gives the same meta-gradient as
 adapting the whole table without ``[T, V, D]`` per-task copies. ``local_tables=False`` (or
 ``with local_tables_default(False):``) forces the dense path.
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metactr.data.batch import Batch
-from metactr.meta.local_tables import LocalPlan, localise, plan_local_tables, with_task_dim
+from metactr.engine.local_tables import LocalPlan, localise, plan_local_tables, with_task_dim
 from metactr.models.base import CTRModel, objective
 
 LearningRate = float | Mapping[str, Tensor]
@@ -115,7 +115,7 @@ def maml_outer_loss(model: CTRModel, params: Mapping[str, Tensor], support: Batc
     in one ``vmap`` (same result as the per-task loop, which ``vectorize=False`` runs).
     ``local_tables`` (default: on, see ``local_tables_default``) adapts per task only the rows
     of the adapted embedding tables that the task touches (same meta-gradient, see
-    ``metactr.meta.local_tables``; tables where that would not be exact stay dense).
+    ``metactr.engine.local_tables``; tables where that would not be exact stay dense).
     Call ``.backward()`` on the result to get the meta-gradient in ``params``' ``.grad``.
     """
     if support.label.dim() != 2 or query.label.dim() != 2:

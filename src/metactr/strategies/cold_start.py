@@ -2,7 +2,7 @@
 sec. 2.2 and 4.2, Table 2): Meta-Embedding, MeLU and MAMO.
 
 Each ``train_*`` has the signature and return type of the ``train_*`` functions of
-``metactr.meta.strategies``: ``(model, dataset, split, cfg: StrategyConfig, gen, log=None) ->
+``metactr.strategies.base``: ``(model, dataset, split, cfg: StrategyConfig, gen, log=None) ->
 TrainResult``, whose ``optimizer`` (the global Adam, state and decayed rate kept) is what the RML
 protocol's FT-A/B/C fine-tuning continues with. ``cfg.name`` is not read (the caller picks the
 function from ``TRAINERS``).
@@ -30,7 +30,7 @@ import torch
 from metactr.data.prepared import PreparedDataset
 from metactr.data.tasks import group_rows, task_batch
 from metactr.errors import ConfigError, DataError
-from metactr.meta.strategies import Logger, StrategyConfig, TrainResult, apply_step, train_maml, train_plain
+from metactr.strategies.base import Logger, StrategyConfig, TrainResult, apply_step, train_maml, train_plain
 from metactr.models.base import CTRModel
 from metactr.models.meta_embedding import MetaEmbedding
 

@@ -13,7 +13,7 @@ Luo et al., WWW 2020, Algorithm 1 and sec. 5.3:
 * meta-test: adapt on the user's whole training data (support + query), score the user's test
   data (``ms_test``).
 
-The MAML/Meta-SGD mathematics live in the shared engine (``metactr.meta.functional``); this
+The MAML/Meta-SGD mathematics live in the shared engine (``metactr.engine.functional``); this
 module only builds the user tasks, drives the episodes and does the bookkeeping.
 
 Deviations, on purpose (each configurable): a task's support/query sets are random subsets of
@@ -43,10 +43,10 @@ from metactr.data.prepared import PreparedDataset, Split
 from metactr.data.tasks import task_batch
 from metactr.errors import ConfigError, DataError
 from metactr.eval.predict import predict_proba
-from metactr.meta.functional import MetaSGDRates, adapt_and_predict, inner_adapt, live_params, maml_outer_loss
-from metactr.meta.selector import MetaSelector
+from metactr.engine.functional import MetaSGDRates, adapt_and_predict, inner_adapt, live_params, maml_outer_loss
+from metactr.models.metaselector import MetaSelector
 from metactr.models.base import CTRModel, build_model, objective
-from metactr.train.trainer import resolve_device
+from metactr.engine.device import resolve_device
 
 SUPPORT, QUERY, TEST = "ms_support", "ms_query", "ms_test"
 NEW_TRAIN, NEW_TEST = "ms_newuser_train", "ms_newuser_test"
@@ -344,7 +344,7 @@ def _optimizer(model: nn.Module, b: BaseModelConfig) -> torch.optim.Optimizer:
         return torch.optim.Adagrad(params, lr=b.lr)
     if b.optimizer == "sgd":
         return torch.optim.SGD(params, lr=b.lr)
-    from metactr.train.optim import FTRL
+    from metactr.engine.optim import FTRL
 
     return FTRL(params, lr=b.lr, beta=b.beta, l1=b.l1, l2=b.l2)
 
@@ -578,7 +578,7 @@ def lambda_stats(lam: np.ndarray, users: np.ndarray, names: Sequence[str]) -> di
     ``user_argmax_share``: share of users whose mean lambda is largest on each model.
     """
     lam = np.asarray(lam, dtype=np.float64)
-    from metactr.meta.selector_baselines import per_user_mean
+    from metactr.papers.metaselector.baselines import per_user_mean
 
     _, per_user = per_user_mean(lam, users)
     top = np.bincount(per_user.argmax(axis=1), minlength=len(names)) / max(len(per_user), 1)
@@ -626,7 +626,7 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
     """Every method of Table 3 for one seed: single models, oracles, sample-level selector,
     MetaSelector and MetaSelector-Simplified, all scored on the same test rows."""
     from metactr.eval.metrics import auc, logloss
-    from metactr.meta import selector_baselines as sb
+    from metactr.papers.metaselector import baselines as sb
     from metactr.utils import seed_everything
 
     g = seed_everything(seed)

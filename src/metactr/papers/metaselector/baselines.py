@@ -24,7 +24,7 @@ from torch import Tensor
 
 from metactr.data.prepared import PreparedDataset, Split
 from metactr.eval.metrics import EPS
-from metactr.meta.selector import SelectorNet
+from metactr.models.metaselector import SelectorNet
 
 
 def sample_losses(P: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@
 * ``metasgd``    Meta-SGD (Li et al. 2017): MAML with learned per-parameter inner rates.
 * ``reptile``    Reptile (Nichol et al. 2018): move towards the mean of the task-adapted weights.
 
-MAML-family strategies run on ``metactr.meta.functional`` (vmap over the tasks of a meta-batch).
+MAML-family strategies run on ``metactr.engine.functional`` (vmap over the tasks of a meta-batch).
 ``train`` returns a ``TrainResult`` whose ``optimizer`` (the global/outer Adam, its state and
 decayed learning rate kept) is what the protocol's fine-tuning continues with, as the authors'
 code does.
@@ -34,7 +34,7 @@ from metactr.config import StrictModel
 from metactr.data.prepared import PreparedDataset
 from metactr.data.tasks import UserTaskSampler
 from metactr.errors import ConfigError
-from metactr.meta.functional import MetaSGDRates, inner_adapt, live_params, maml_outer_loss
+from metactr.engine.functional import MetaSGDRates, inner_adapt, live_params, maml_outer_loss
 from metactr.models.base import CTRModel, objective
 
 STRATEGIES = ("plain", "two_phase", "maml", "metasgd", "reptile", "meta_embedding", "melu", "mamo")
@@ -292,7 +292,7 @@ def train(model: CTRModel, dataset: PreparedDataset, split: str, cfg: StrategyCo
     if cfg.name in _TRAINERS:
         fn = _TRAINERS[cfg.name]
     else:  # the cold-start baselines' own procedures (imported lazily: that module imports this one)
-        from metactr.meta.cold_start_baselines import TRAINERS
+        from metactr.strategies.cold_start import TRAINERS
 
         fn = TRAINERS[cfg.name]
     return fn(model, dataset, split, cfg, gen, log)

@@ -1,7 +1,7 @@
 """``metactr reproduce rml``: the RML paper's ML-1M experiment (Tables 2 and 5) with intervals.
 
 Every (method, subset, seed) is one job: (meta-)train on ``{subset}_train``, fine-tune on FT-A,
-FT-B, FT-C in turn, score the test set after each (``metactr.meta.protocol``). Each finished
+FT-B, FT-C in turn, score the test set after each (``metactr.papers.rml.protocol``). Each finished
 job is written to ``OUT/runs/`` at once, so an interrupted run resumes where it stopped (jobs
 whose file exists with the same settings are not rerun). ``OUT/results.json`` holds one row per
 method x subset x stage (means and 95% intervals across seeds, per-seed values, the paper's
@@ -26,9 +26,9 @@ from metactr.config import StrictModel, load_config
 from metactr.errors import ConfigError, DataError
 from metactr.eval.metrics import mean_ci95
 from metactr.eval.report import fmt, fmt_ci, markdown_table, write_run
-from metactr.meta.paper_numbers import PAPER_LABELS, paper_value
-from metactr.meta.protocol import FT_STAGES, STAGE_LABELS, ProtocolConfig, run_protocol
-from metactr.meta.strategies import StrategyConfig
+from metactr.papers.rml.paper_numbers import PAPER_LABELS, paper_value
+from metactr.papers.rml.protocol import FT_STAGES, STAGE_LABELS, ProtocolConfig, run_protocol
+from metactr.strategies.base import StrategyConfig
 
 ABLATIONS = {"rml": ("rml", "two_phase"), "rml_wo_meta": ("rml", "plain"),
              "rml_wo_meta_att": ("rml_no_att", "plain"), "rml_wo_meta_lstm": ("rml_no_lstm", "plain")}

@@ -25,7 +25,7 @@ from metactr.eval.metrics import auc as auc_score
 from metactr.eval.metrics import bootstrap_ci95
 from metactr.eval.metrics import logloss as logloss_score
 from metactr.eval.predict import predict_proba
-from metactr.meta.strategies import StrategyConfig, apply_step, train
+from metactr.strategies.base import StrategyConfig, apply_step, train
 from metactr.models.base import CTRModel, build_model, objective
 from metactr.utils import seed_everything
 

@@ -42,7 +42,7 @@ QUICK = [  # a CI-sized run: few users, one short pass of everything
 
 def load_experiment(config: Path | None, overrides: list[str] | None, quick: bool):
     from metactr.config import load_config
-    from metactr.meta.selector_train import SelectorExperiment
+    from metactr.papers.metaselector.train import SelectorExperiment
 
     return load_config(SelectorExperiment, config, (QUICK if quick else []) + list(overrides or []))
 
@@ -63,7 +63,7 @@ def aggregate(seed_results, base_names: list[str], *, dataset: str, test_rows: b
     """Rows of Table 3 with mean and 95% interval across seeds; RelImpr (eq. 7) per seed
     against the single model with the best mean AUC; paired intervals against it."""
     from metactr.eval.metrics import mean_ci95, paired_diff_ci95, rel_impr
-    from metactr.meta.selector_train import METHOD_LABELS
+    from metactr.papers.metaselector.train import METHOD_LABELS
 
     methods = list(base_names) + [m for m in ORDER if m in seed_results[0].metrics]
     auc = {m: [r.metrics[m]["auc"] for r in seed_results] for m in methods}
@@ -110,7 +110,7 @@ def _pct(x: float | None) -> str:
 
 def render_markdown(res: dict[str, Any]) -> str:
     from metactr.eval.report import fmt, fmt_ci, markdown_table
-    from metactr.meta.selector_train import METHOD_LABELS
+    from metactr.papers.metaselector.train import METHOD_LABELS
 
     ds = res["dataset"]
     lines = [f"# MetaSelector reproduction ({ds})", ""]
@@ -188,7 +188,7 @@ def reproduce_metaselector(
 
     from metactr.eval.report import write_run
     from metactr.eval.selector_plots import plot_user_loss_kde
-    from metactr.meta.selector_train import SelectorData, run_seed
+    from metactr.papers.metaselector.train import SelectorData, run_seed
     from metactr.utils import data_root
 
     t0 = time.perf_counter()

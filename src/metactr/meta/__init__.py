@@ -1,1 +1,0 @@
-"""metactr.meta"""
