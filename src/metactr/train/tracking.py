@@ -69,15 +69,12 @@ def flatten_params(params: Any, prefix: str = "") -> dict[str, Any]:
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The finite numbers of a metrics dict (no bools, strings, None, NaN): what a plot can show."""
-    out = {}
-    for k, v in finite_or_none(dict(metrics)).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = float(v)
-    return out
+    return {k: float(v) for k, v in finite_or_none(dict(metrics)).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class Tracker:
-    """The interface; every method is a no-op here, so this is also the tracker of rank != 0."""
+    """The interface: a backend overrides what it records; every method here is a no-op."""
 
     name = "null"
     optional = True  # an optional backend's failure is a warning, never an error
