@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from metactr.train.config import OptimConfig
     from metactr.engine.optim import build_optimizer
     from metactr.engine.precision import autocast
-    from metactr.train.trainer import LossModule
+    from metactr.strategies.plain import LossModule
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_ctr import model_hparams  # the same models as the benchmark

@@ -25,7 +25,7 @@ bfloat16 autocast (``metactr.engine.precision``); DeepCTR-Torch has no mixed pre
 fp32. The report records each side's precision.
 
 ``--device cuda`` (default ``cpu``) runs both libraries on the GPU: our model and batches on the
-device (the trainer's ``train_epoch``), DeepCTR-Torch with ``device='cuda:0'``; the clocks stop
+device (the one ``Trainer``'s loop, plain strategy), DeepCTR-Torch with ``device='cuda:0'``; the clocks stop
 after ``torch.cuda.synchronize()``, and each worker also reports its peak GPU memory. A
 ``PYTHONPATH`` set by the caller is passed on to both workers (after ``src`` for ours), e.g. a
 folder of extra packages on a machine without the venvs.
@@ -139,21 +139,21 @@ def run_ours(model_name: str, data: Path, threads: int, seed: int, device: str =
     from metactr.eval.metrics import auc
     from metactr.eval.predict import predict_proba
     from metactr.models.base import build_model
-    from metactr.engine.optim import build_optimizer
     from metactr.train.config import OptimConfig
-    from metactr.train.trainer import LossModule, _global_batch_sizes, train_epoch
+    from metactr.strategies.plain import Plain
+    from metactr.train.trainer import Trainer
 
     torch.manual_seed(seed)
     dev = torch.device(device)
     ds = PreparedDataset(data)
     train, test = ds.split("train"), ds.split("test")
     model = build_model(model_name, ds.spec, **model_hparams(model_name)).to(dev)
-    opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=LR))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    batches = ds.iter_batches(train, BATCH, shuffle=True, generator=gen)
-    loss_sum, rows = train_epoch(LossModule(model, precision), opt, list(model.parameters()), batches,
-                                 _global_batch_sizes(len(train), BATCH, 1), device=dev)
+    fitted = Trainer(device=dev, precision=precision).fit(model, ds, train, Plain(optim=OptimConfig(name="adam", lr=LR)),
+                                                          epochs=1, batch_size=BATCH, generator=gen)
+    rows = len(train)
+    loss_sum = fitted.history[0]["train_loss"] * rows
     _sync(dev)
     train_s = time.perf_counter() - t0
     prob, pred_s = _best_of(lambda: predict_proba(model, ds, test, batch_size=BATCH, precision=precision), dev)

@@ -53,8 +53,9 @@ def main() -> int:
 
     from metactr.engine.functional import local_tables_default
     from metactr.models.metaselector import MetaSelector
+    from metactr.data.toy import write_toy_selector_dataset as write_toy_dataset
     from metactr.papers.metaselector.train import (MetaTrainConfig, SelectorData, SelectorExperiment,
-                                             build_base_models, meta_train, write_toy_dataset)
+                                                   build_base_models, meta_train)
     from metactr.utils import data_root
 
     tmp = tempfile.TemporaryDirectory()
@@ -123,7 +124,7 @@ def table_rows(data, bases, args) -> dict:
     """Mean rows per task-local table over a few episodes, against the full table's rows."""
     from metactr.data.tasks import task_batch
     from metactr.engine.local_tables import task_rows, unique_rows
-    from metactr.papers.metaselector.train import UserIndex
+    from metactr.data.tasks import UserIndex
 
     emb = next(m for b in bases for m in b.modules() if type(m).__name__ == "FieldEmbedding")
     sup_idx, qry_idx = UserIndex.build(data.support), UserIndex.build(data.query)

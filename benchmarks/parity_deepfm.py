@@ -173,7 +173,7 @@ def run_ours(dataset: str, seed: int, epochs: int, threads: int, run_dir: Path, 
     from metactr.eval.predict import predict_proba
     from metactr.models.base import build_model
     from metactr.train import checkpoint as ckpt
-    from metactr.train.trainer import fit, load_dataset
+    from metactr.train.run import fit, load_dataset
     from metactr.utils import seed_everything
 
     cfg = load_cfg(dataset, [f"epochs={epochs}", f"seed={seed}", "early_stopping.patience=null",
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     os.chdir(ROOT)  # ${METACTR_DATA} defaults to ../shared/datasets of the working directory
     from metactr.errors import MetactrError
-    from metactr.train.trainer import load_dataset
+    from metactr.train.run import load_dataset
     from metactr.utils import write_json_atomic
 
     if args.reuse_ours and args.dnn_init == "normal":

@@ -12,7 +12,7 @@ from metactr.errors import ConfigError
 from metactr.strategies.cold_start import (TRAINERS, item_target_counts, item_task_batches,
                                                meta_embedding_loss)
 from metactr.engine.functional import live_params, maml_outer_loss
-from metactr.papers.rml.protocol import write_toy_rml_dataset
+from metactr.data.toy import write_toy_rml_dataset
 from metactr.strategies.base import StrategyConfig
 from metactr.models.base import build_model, objective, registry
 

@@ -33,7 +33,10 @@ from metactr.train import checkpoint as ckpt
 from metactr.train.config import OptimConfig
 from metactr.engine.optim import FTRL, build_optimizer
 from metactr.engine.device import resolve_device
-from metactr.train.trainer import LossModule, fit, has_unused_parameters, train_epoch
+from metactr.strategies.base import Context
+from metactr.strategies.plain import Plain, has_unused_parameters
+from metactr.train.run import fit
+from metactr.train.trainer import run_epoch
 from test_local_tables import T as LT_TASKS
 from test_local_tables import make_batch, tiny, tiny_selector, used_params
 from test_meta_engine import random_batch, tiny_model
@@ -321,8 +324,8 @@ def test_adam_on_device_is_fused_and_matches_cpu():
 def test_metaselector_run_seed_on_device_matches_cpu(tmp_path):
     """Every method of one MetaSelector seed (pre-training, meta-training with Meta-SGD,
     vmapped meta-test fine-tuning at fixed rates) on DEVICE against the same seed on CPU."""
-    from metactr.papers.metaselector.train import BaseModelConfig, SelectorData, SelectorExperiment, run_seed, \
-        write_toy_dataset
+    from metactr.data.toy import write_toy_selector_dataset as write_toy_dataset
+    from metactr.papers.metaselector.train import BaseModelConfig, SelectorData, SelectorExperiment, run_seed
 
     write_toy_dataset(tmp_path / "toy", n_users=24, n_items=30, seed=1)
     data = SelectorData.load(tmp_path / "toy", disjoint=False)
@@ -358,7 +361,7 @@ def test_ddp_single_rank_over_nccl_matches_plain_training(data_dir):
     import torch.distributed as tdist
     from torch.nn.parallel import DistributedDataParallel
 
-    from metactr.train.distributed import DistInfo, broadcast_float
+    from metactr.engine.distributed import DistInfo, broadcast_float
 
     ds = PreparedDataset(data_dir)
     split = ds.split("train")
@@ -369,16 +372,13 @@ def test_ddp_single_rank_over_nccl_matches_plain_training(data_dir):
         for use_ddp in (False, True):
             torch.manual_seed(0)
             model = build_model("deepfm", ds.spec, **HP["deepfm"]).to(DEVICE)
-            step_fn = LossModule(model)
-            if use_ddp:  # as fit() wraps it
-                probe = ds.batch(split, torch.arange(2)).to(DEVICE)
-                step_fn = DistributedDataParallel(step_fn, device_ids=[DEVICE.index or 0] if ON_GPU else None,
-                                                  find_unused_parameters=has_unused_parameters(model, probe))
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = build_optimizer(params, OptimConfig(name="adam", lr=0.01))
             gen = torch.Generator().manual_seed(0)
-            loss, rows = train_epoch(step_fn, opt, params, ds.iter_batches(split, 64, shuffle=True, generator=gen),
-                                     [64] * (-(-len(split) // 64)), device=DEVICE)
+            phase = Plain(optim=OptimConfig(name="adam", lr=0.01)).setup(Context(model, ds, split, gen, 1, 64, DEVICE))[0]
+            if use_ddp:  # as the plain strategy wraps it under torchrun
+                probe = ds.batch(split, torch.arange(2)).to(DEVICE)
+                phase.fn = DistributedDataParallel(phase.loss_module, device_ids=[DEVICE.index or 0] if ON_GPU else None,
+                                                   find_unused_parameters=has_unused_parameters(model, probe))
+            loss, rows = run_epoch(phase, phase.steps_per_epoch(), DEVICE)
             assert rows == len(split) and np.isfinite(loss)
             finals.append({k: v.detach().cpu() for k, v in model.state_dict().items()})
         # the collectives the trainer uses, on the device's backend

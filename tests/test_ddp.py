@@ -35,7 +35,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, data_dir: str, out: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    from metactr.train.trainer import run_training
+    from metactr.train.run import run_training
 
     run_training(_cfg(data_dir, out), log=lambda s: None)
 
@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int, data_dir: str, out: str) -> None:
 @pytest.mark.timeout(120)
 def test_two_process_ddp_matches_single_process(tmp_path):
     data = make_prepared(tmp_path / "data", rows={"train": 300, "valid": 60, "test": 60})
-    from metactr.train.trainer import run_training
+    from metactr.train.run import run_training
 
     single = run_training(_cfg(data, tmp_path / "single"), log=lambda s: None)
     mp.start_processes(_worker, args=(2, _free_port(), str(data), str(tmp_path / "ddp")), nprocs=2,

@@ -11,7 +11,7 @@ from metactr.data.prepared import PreparedDataset
 from metactr.data.tasks import UserTaskSampler, pad_tasks, task_batch
 from metactr.engine.functional import (MetaSGDRates, fast_adapt, inner_adapt, live_params,
                                      maml_outer_loss)
-from metactr.papers.rml.protocol import write_toy_rml_dataset
+from metactr.data.toy import write_toy_rml_dataset
 from metactr.models.base import build_model, objective
 
 SPEC = FeatureSpec(user=(Field("user_id", 20), Field("age", 5)),

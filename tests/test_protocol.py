@@ -11,9 +11,9 @@ import torch
 
 from metactr.cli import main
 from metactr.data.prepared import PreparedDataset
-from metactr.papers.rml.protocol import (ProtocolConfig, finetune, run_protocol, scored_rows,
-                                   write_toy_rml_dataset)
-from metactr.strategies.base import STRATEGIES, StrategyConfig, train
+from metactr.data.toy import write_toy_rml_dataset
+from metactr.papers.rml.protocol import ProtocolConfig, finetune, run_protocol, scored_rows
+from metactr.strategies import STRATEGIES, strategy_config
 from metactr.models.base import build_model
 
 SMALL_RML = {"embed_dim": 4, "att_hidden": [8], "lstm_hidden": 4, "mlp_hidden": [8], "aux_hidden": [4]}

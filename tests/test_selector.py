@@ -23,8 +23,8 @@ from metactr.papers.metaselector.train import (
     meta_loss,
     meta_test,
     meta_train,
-    write_toy_dataset,
 )
+from metactr.data.toy import write_toy_selector_dataset as write_toy_dataset
 from metactr.models.base import build_model, objective
 
 SPEC = FeatureSpec(user=(Field("user_id", 6), Field("age", 4)), item=(Field("item_id", 9), Field("genre", 5, 2)),

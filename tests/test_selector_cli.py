@@ -9,7 +9,8 @@ import pytest
 
 from metactr.cli import main
 from metactr.papers.metaselector.commands import aggregate, render_markdown
-from metactr.papers.metaselector.train import SeedResult, write_toy_dataset
+from metactr.data.toy import write_toy_selector_dataset as write_toy_dataset
+from metactr.papers.metaselector.train import SeedResult
 
 TINY = ["--set", "base_models=[{name: lr, optimizer: ftrl, lr: 0.05}, {name: fm, hp: {embed_dim: 4}}, "
         "{name: basic, hp: {embed_dim: 4, hidden: [8]}}]",

@@ -16,7 +16,7 @@ from metactr.eval.predict import predict_proba
 from metactr.models.base import build_model
 from metactr.train import checkpoint as ckpt
 from metactr.train.config import TrainConfig, expand_path, load_train_config
-from metactr.train.trainer import fit, run_training
+from metactr.train.run import fit, run_training
 
 
 def make_prepared(root: Path, *, n_users: int = 30, n_items: int = 40, rows: dict[str, int] | None = None,

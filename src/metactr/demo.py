@@ -47,14 +47,14 @@ def rml_step(prepared: Path, out: Path, *, epochs: float = 2.0, seed: int = DEMO
     from metactr.data.prepared import PreparedDataset
     from metactr.eval.report import markdown_table, write_run
     from metactr.papers.rml.protocol import STAGE_LABELS, ProtocolConfig, run_protocol
-    from metactr.strategies.base import StrategyConfig
+    from metactr.strategies.config import TwoPhaseConfig
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     ds = PreparedDataset(prepared)
-    strategy = StrategyConfig(name="two_phase", epochs=epochs, lr=0.01, local_lr=0.01)
+    strategy = TwoPhaseConfig(lr=0.01, local_lr=0.01)
     protocol = ProtocolConfig(mode="full", bootstrap=0)
     rows = [r for subset in ("wc", "cw")
-            for r in run_protocol(ds, subset, "rml", {}, strategy, protocol, seed)]
+            for r in run_protocol(ds, subset, "rml", {}, strategy, protocol, seed, epochs=epochs, batch_size=128)]
     table = Table(title=f"RML on the synthetic log (seed {seed}, {epochs:g} epochs, every test row scored)")
     for col in ("subset", "stage", "test AUC", "test logloss", "n_test"):
         table.add_column(col)
@@ -65,7 +65,7 @@ def rml_step(prepared: Path, out: Path, *, epochs: float = 2.0, seed: int = DEMO
     md = "# metactr demo: RML on a synthetic log\n\n" + markdown_table(
         ["subset", "stage", "AUC", "logloss", "n_test"],
         [[r["subset"].upper(), STAGE_LABELS[r["stage"]], r["auc"], r["logloss"], r["n_test"]] for r in rows])
-    write_run(out / "rml", {"rows": rows, "seed": seed, "strategy": strategy.model_dump(),
+    write_run(out / "rml", {"rows": rows, "seed": seed, "strategy": {**strategy.model_dump(), "epochs": epochs, "batch_size": 128},
                             "protocol": protocol.model_dump()}, md)
     return rows
 

@@ -106,3 +106,15 @@ class Batch(NamedTuple):
     def select(self, idx: Tensor | slice) -> Batch:
         """Rows ``idx`` of every tensor (leading dimension)."""
         return Batch(*(take_rows(t, idx) for t in self))
+
+
+def move(item, device: torch.device | str):
+    """``item`` (a Batch, a tensor, a (named) tuple of them, or anything else) on ``device``."""
+    if isinstance(item, Batch):
+        return item.to(device)
+    if isinstance(item, Tensor):
+        return item.to(device, non_blocking=True)
+    if isinstance(item, tuple):
+        moved = [move(x, device) for x in item]
+        return type(item)(*moved) if hasattr(item, "_fields") else tuple(moved)
+    return item

@@ -36,7 +36,9 @@ import pyarrow.parquet as pq
 from metactr.data.sessions import build_samples, positions
 from metactr.errors import DataError
 
-RML_PARTS = ("train", "finetune_a", "finetune_b", "finetune_c", "test")
+RML_PARTS = ("train", "finetune_a", "finetune_b", "finetune_c", "test")  # the RML protocol's splits per subset
+FT_STAGES = RML_PARTS[1:4]
+RML_SUBSETS = ("wc", "cw")
 MS_SPLITS = ("ms_support", "ms_query", "ms_test")
 MS_NEWUSER_SPLITS = ("ms_newuser_train", "ms_newuser_test")
 RANDOM_SPLITS = ("train", "valid", "test")

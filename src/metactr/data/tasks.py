@@ -1,4 +1,9 @@
-"""Tasks for meta-learning: rows grouped by user, padded to a common size, stacked.
+"""Tasks for meta-learning: rows grouped by user (or item), padded to a common size, stacked.
+
+The one place that groups rows into tasks: ``group_rows`` (NumPy, for the samplers that draw
+with a NumPy generator: ``UserTaskSampler``, ``item_task_batches``) and ``UserIndex`` (torch, for
+MetaSelector's episodes and meta-test, which draw with a torch generator), both built on one
+stable sort + offsets.
 
 A *meta-batch* of T tasks is a ``Batch`` whose tensors have a leading task dimension
 ``[T, S, ...]`` plus a weight ``[T, S]`` (1 for real rows, 0 for padding). Padded rows repeat a
@@ -9,6 +14,7 @@ keeps them out of the loss. Grouping is one stable sort + offsets (no per-row Py
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -155,3 +161,77 @@ class UserTaskSampler:
             yield TaskBatch(task_batch(self.dataset, self.split, s_idx_t), torch.from_numpy(s_w),
                             task_batch(self.dataset, q_src, q_idx_t), torch.from_numpy(q_w),
                             torch.from_numpy(self.users[k]))
+
+
+# --------------------------------------------------------------------------- item tasks (Meta-Embedding)
+def item_task_batches(dataset: PreparedDataset, split: str, *, tasks_per_batch: int, a_size: int, b_size: int,
+                      rng: np.random.Generator):
+    """One pass over the items of ``split`` with >= 2 rows, in random order, ``tasks_per_batch``
+    distinct items per step: yields ``(items [T], D_a [T, Sa], w_a, D_b [T, Sb], w_b)``. Each item's
+    rows are shuffled and halved (D_a the first half, D_b the second; they never overlap)."""
+    s = dataset.split(split)
+    items, order, starts, counts = group_rows(s.target.numpy(), rng)
+    keep = counts >= 2
+    if not keep.any():
+        raise DataError(f"split '{split}' has no item with 2 rows or more (Meta-Embedding needs D_a and D_b)")
+    items, starts, counts = items[keep], starts[keep], counts[keep]
+    n_a = counts // 2
+    perm = rng.permutation(items.size)
+    for b in range(0, perm.size, tasks_per_batch):
+        k = perm[b:b + tasks_per_batch]
+        a_idx, a_w = _gather_padded(order, starts[k], n_a[k], a_size)
+        b_idx, b_w = _gather_padded(order, starts[k] + n_a[k], counts[k] - n_a[k], b_size)
+        yield (torch.from_numpy(items[k]), task_batch(dataset, s, torch.from_numpy(a_idx)), torch.from_numpy(a_w),
+               task_batch(dataset, s, torch.from_numpy(b_idx)), torch.from_numpy(b_w))
+
+
+def item_target_counts(dataset: PreparedDataset, split: str) -> np.ndarray:
+    """How many rows of ``split`` have each item (0..n_items-1) as their target."""
+    return np.bincount(dataset.split(split).target.numpy(), minlength=dataset.n_items)
+
+
+# --------------------------------------------------------------------------- user index (torch)
+@dataclass
+class UserIndex:
+    """Rows of one split grouped by user (CSR): ``rows[starts[i]:starts[i]+counts[i]]`` are the
+    rows of ``users[i]``, in their original (chronological) order."""
+
+    users: Tensor
+    starts: Tensor
+    counts: Tensor
+    rows: Tensor
+
+    @classmethod
+    def build(cls, split: Split) -> UserIndex:
+        uid = split.user_id
+        order = torch.sort(uid, stable=True).indices
+        users, counts = torch.unique_consecutive(uid[order], return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        return cls(users, starts, counts, order)
+
+    def lookup(self, users: Tensor) -> Tensor:
+        """Position of each user in ``self.users`` (-1 where absent)."""
+        pos = torch.searchsorted(self.users, users).clamp_max(max(len(self.users) - 1, 0))
+        found = self.users[pos] == users if len(self.users) else torch.zeros_like(users, dtype=torch.bool)
+        return torch.where(found, pos, torch.full_like(pos, -1))
+
+    def sample(self, pos: Tensor, n_max: int, generator: torch.Generator | None, *,
+               latest: bool = False) -> tuple[Tensor, Tensor]:
+        """Up to ``n_max`` rows of each user ``pos`` (random, or the most recent when ``latest``):
+        a padded [T, N] row-index matrix and its [T, N] 0/1 weight mask. Vectorized."""
+        counts = self.counts[pos]
+        n = int(min(int(counts.max()) if len(pos) else 1, n_max)) or 1
+        width = int(counts.max()) if len(pos) else 1
+        ar = torch.arange(width)
+        valid = ar[None, :] < counts[:, None]
+        if latest:
+            # the last min(count, n) rows, in chronological order
+            offs = (counts - n).clamp_min(0)[:, None] + torch.arange(n)[None, :]
+            take = offs
+        else:
+            keys = torch.rand(len(pos), width, generator=generator).masked_fill(~valid, 2.0)
+            take = torch.argsort(keys, dim=1)[:, :n]
+        weight = (torch.arange(n)[None, :] < counts[:, None]).float()
+        take = torch.where(weight > 0, take, torch.zeros_like(take))
+        rows = self.rows[self.starts[pos][:, None] + take]
+        return rows, weight

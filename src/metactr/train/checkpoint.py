@@ -4,10 +4,12 @@ A checkpoint ``<stem>`` is two files written atomically, the JSON last (it is th
 marker: a checkpoint without its JSON is ignored):
 
     <stem>.safetensors   model.<param>            model weights
-                         optim.<i>.<key>          optimizer state tensors (i = parameter index)
+                         optim.<name>.<i>.<key>   optimizer state tensors (i = parameter index)
                          rng.torch, rng.data      torch's global RNG and the shuffling generator
+                         strategy.<key>           a strategy's own tensors (learned inner rates)
     <stem>.json          model name, hyper-parameters, FeatureSpec, data options, epoch,
-                         optimizer non-tensor state and param_groups, scheduler state,
+                         optimizers' non-tensor state and param_groups, schedulers' state,
+                         a strategy's JSON state (task sampler generator),
                          trainer state (best AUC, epochs without improvement, history)
 
 so that ``load_model`` rebuilds the model from the checkpoint alone, and ``restore_training``
@@ -74,26 +76,38 @@ def model_meta(model: CTRModel, hparams: dict[str, Any], data_options: dict[str,
             "data": data_options}
 
 
+def _optimizer_out(name: str, opt: torch.optim.Optimizer, extra: dict[str, torch.Tensor]) -> dict[str, Any]:
+    sd = opt.state_dict()
+    plain_state: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                extra[f"optim.{name}.{idx}.{key}"] = val
+            else:
+                plain_state.setdefault(str(idx), {})[key] = val
+    return {"class": type(opt).__name__, "param_groups": sd["param_groups"], "plain_state": plain_state}
+
+
 def save_checkpoint(stem: str | Path, model: CTRModel, meta: dict[str, Any], *,
-                    optimizer: torch.optim.Optimizer | None = None, scheduler=None,
-                    rng: dict[str, torch.Tensor] | None = None, trainer: dict[str, Any] | None = None) -> Path:
-    """Write ``<stem>.safetensors`` then ``<stem>.json`` (both atomically)."""
+                    optimizers: dict[str, torch.optim.Optimizer] | None = None, schedulers: dict[str, Any] | None = None,
+                    rng: dict[str, torch.Tensor] | None = None, trainer: dict[str, Any] | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None,
+                    extra_state: dict[str, Any] | None = None) -> Path:
+    """Write ``<stem>.safetensors`` then ``<stem>.json`` (both atomically).
+
+    ``optimizers`` / ``schedulers`` are keyed by the strategy's names for them (``main``,
+    ``local``/``global``, ``outer`` ...); ``extra_tensors`` / ``extra_state`` are a strategy's own
+    (learned inner rates, a task sampler's NumPy generator)."""
     stem = Path(stem)
     extra: dict[str, torch.Tensor] = {f"rng.{k}": v for k, v in (rng or {}).items()}
+    extra.update({f"strategy.{k}": v for k, v in (extra_tensors or {}).items()})
     meta = dict(meta)
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        plain_state: dict[str, dict[str, Any]] = {}
-        for idx, st in sd["state"].items():
-            for key, val in st.items():
-                if torch.is_tensor(val):
-                    extra[f"optim.{idx}.{key}"] = val
-                else:
-                    plain_state.setdefault(str(idx), {})[key] = val
-        meta["optimizer"] = {"class": type(optimizer).__name__, "param_groups": sd["param_groups"],
-                             "plain_state": plain_state}
-    if scheduler is not None:
-        meta["scheduler"] = scheduler.state_dict()
+    if optimizers:
+        meta["optimizers"] = {n: _optimizer_out(n, o, extra) for n, o in optimizers.items()}
+    if schedulers:
+        meta["schedulers"] = {n: s.state_dict() for n, s in schedulers.items()}
+    if extra_state:
+        meta["strategy_state"] = extra_state
     if trainer is not None:
         meta["trainer"] = trainer
     save_weights(stem.with_suffix(".safetensors"), model, extra)
@@ -129,29 +143,34 @@ def load_state(model: CTRModel, tensors: dict[str, torch.Tensor], path: Path) ->
     model.load_state_dict(state)
 
 
-def restore_training(stem: str | Path, model: CTRModel, optimizer: torch.optim.Optimizer,
-                     scheduler=None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Load weights, optimizer and scheduler state in place; return (meta, rng tensors)."""
+def restore_training(stem: str | Path, model: CTRModel, optimizers: dict[str, torch.optim.Optimizer],
+                     schedulers: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load weights, optimizer and scheduler state in place; return (meta, other tensors:
+    ``rng.*`` and ``strategy.*`` with their prefixes)."""
     stem = Path(stem)
     meta = read_meta(stem.with_suffix(".json"))
     tensors = _read_tensors(stem.with_suffix(".safetensors"))
     load_state(model, tensors, stem.with_suffix(".safetensors"))
-    opt_meta = meta.get("optimizer")
-    if opt_meta is None or opt_meta.get("class") != type(optimizer).__name__:
-        raise DataError(f"checkpoint optimizer is {opt_meta and opt_meta.get('class')}, the config asks "
-                        f"for {type(optimizer).__name__}", path=stem.with_suffix(".json"), field="optim.name")
-    state: dict[int, dict[str, Any]] = {}
-    for key, val in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = val
-    for idx, st in opt_meta.get("plain_state", {}).items():
-        state.setdefault(int(idx), {}).update(st)
-    optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
-    if scheduler is not None and "scheduler" in meta:
-        scheduler.load_state_dict(meta["scheduler"])
-    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
-    return meta, rng
+    saved = meta.get("optimizers", {})
+    for name, opt in optimizers.items():
+        opt_meta = saved.get(name)
+        if opt_meta is None or opt_meta.get("class") != type(opt).__name__:
+            raise DataError(f"checkpoint optimizer '{name}' is {opt_meta and opt_meta.get('class')}, the config "
+                            f"asks for {type(opt).__name__}", path=stem.with_suffix(".json"), field="optim.name")
+        state: dict[int, dict[str, Any]] = {}
+        prefix = f"optim.{name}."
+        for key, val in tensors.items():
+            if key.startswith(prefix):
+                idx, pname = key[len(prefix):].split(".", 1)
+                state.setdefault(int(idx), {})[pname] = val
+        for idx, st in opt_meta.get("plain_state", {}).items():
+            state.setdefault(int(idx), {}).update(st)
+        opt.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+    for name, sched in (schedulers or {}).items():
+        if name in meta.get("schedulers", {}):
+            sched.load_state_dict(meta["schedulers"][name])
+    rest = {k: v for k, v in tensors.items() if k.startswith(("rng.", "strategy."))}
+    return meta, rest
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:

@@ -39,7 +39,7 @@ def train_command(
 ) -> None:
     """Train a model as CONFIG says; runs unchanged under torchrun (DDP)."""
     from metactr.train.config import load_train_config
-    from metactr.train.trainer import run_training
+    from metactr.train.run import run_training
 
     cfg = load_train_config(config, set_ or [])
     results = run_training(cfg, resume=resume)

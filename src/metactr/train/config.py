@@ -22,6 +22,8 @@ from pydantic import Field, model_validator
 from metactr.config import StrictModel, load_config
 from metactr.errors import ConfigError
 from metactr.engine.precision import Precision
+from metactr.strategies.config import StrategyConfig
+from metactr.train.tracking import TrackingConfig
 from metactr.utils import data_root
 
 _VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
@@ -91,7 +93,7 @@ class TrainConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     lr_decay: float = Field(1.0, gt=0, le=1)  # exponential: lr_e = lr * lr_decay**e
     grad_clip: float | None = Field(None, gt=0)  # max global L2 norm of the gradient
-    epochs: int = Field(5, ge=1)
+    epochs: float = Field(5, gt=0)  # fractions allowed (a partial last epoch)
     batch_size: int = Field(1024, ge=1)
     eval_batch_size: int = Field(8192, ge=1)
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
@@ -102,9 +104,21 @@ class TrainConfig(StrictModel):
     precision: Precision = "fp32"  # bf16: forward under torch.autocast (train.precision)
     progress: bool = True  # Rich bar (also off when stderr is not a TTY or $CI is set)
     tensorboard: bool = True  # when the tensorboard package is installed
+    tracking: TrackingConfig = TrackingConfig()  # extra backends (tensorboard, mlflow), requested explicitly
+    # None: the plain strategy with `optim`, `lr_decay`, `grad_clip`; else two_phase, maml, ... with
+    # their own settings (metactr.strategies.config)
+    strategy: StrategyConfig | None = None
 
     @model_validator(mode="after")
     def _device(self) -> TrainConfig:
+        if self.strategy is not None:
+            mixed = sorted({"optim", "lr_decay", "grad_clip"} & self.model_fields_set)
+            if mixed:
+                raise ValueError(f"{', '.join(mixed)} configure training without a 'strategy:'; strategy "
+                                 f"'{self.strategy.name}' takes its rates from strategy.lr / strategy.decay")
+            if self.precision != "fp32" and self.strategy.name != "two_phase":
+                raise ValueError(f"precision {self.precision} is supported by the plain and two_phase "
+                                 "strategies only")
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, auto, cuda or cuda:N, got '{self.device}'")
         return self

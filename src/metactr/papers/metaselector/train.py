@@ -40,7 +40,8 @@ from torch.func import functional_call
 from metactr.config import StrictModel
 from metactr.data.batch import Batch
 from metactr.data.prepared import PreparedDataset, Split
-from metactr.data.tasks import task_batch
+from metactr.data.split import MS_NEWUSER_SPLITS, MS_SPLITS
+from metactr.data.tasks import UserIndex, task_batch
 from metactr.errors import ConfigError, DataError
 from metactr.eval.predict import predict_proba
 from metactr.engine.functional import MetaSGDRates, adapt_and_predict, inner_adapt, live_params, maml_outer_loss
@@ -48,8 +49,8 @@ from metactr.models.metaselector import MetaSelector
 from metactr.models.base import CTRModel, build_model, objective
 from metactr.engine.device import resolve_device
 
-SUPPORT, QUERY, TEST = "ms_support", "ms_query", "ms_test"
-NEW_TRAIN, NEW_TEST = "ms_newuser_train", "ms_newuser_test"
+SUPPORT, QUERY, TEST = MS_SPLITS
+NEW_TRAIN, NEW_TEST = MS_NEWUSER_SPLITS
 
 
 # --------------------------------------------------------------------------- configuration
@@ -175,52 +176,6 @@ def default_base_models() -> list[BaseModelConfig]:
 
 
 # --------------------------------------------------------------------------- data
-@dataclass
-class UserIndex:
-    """Rows of one split grouped by user (CSR): ``rows[starts[i]:starts[i]+counts[i]]`` are the
-    rows of ``users[i]``, in their original (chronological) order."""
-
-    users: Tensor
-    starts: Tensor
-    counts: Tensor
-    rows: Tensor
-
-    @classmethod
-    def build(cls, split: Split) -> UserIndex:
-        uid = split.user_id
-        order = torch.sort(uid, stable=True).indices
-        users, counts = torch.unique_consecutive(uid[order], return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        return cls(users, starts, counts, order)
-
-    def lookup(self, users: Tensor) -> Tensor:
-        """Position of each user in ``self.users`` (-1 where absent)."""
-        pos = torch.searchsorted(self.users, users).clamp_max(max(len(self.users) - 1, 0))
-        found = self.users[pos] == users if len(self.users) else torch.zeros_like(users, dtype=torch.bool)
-        return torch.where(found, pos, torch.full_like(pos, -1))
-
-    def sample(self, pos: Tensor, n_max: int, generator: torch.Generator | None, *,
-               latest: bool = False) -> tuple[Tensor, Tensor]:
-        """Up to ``n_max`` rows of each user ``pos`` (random, or the most recent when ``latest``):
-        a padded [T, N] row-index matrix and its [T, N] 0/1 weight mask. Vectorized."""
-        counts = self.counts[pos]
-        n = int(min(int(counts.max()) if len(pos) else 1, n_max)) or 1
-        width = int(counts.max()) if len(pos) else 1
-        ar = torch.arange(width)
-        valid = ar[None, :] < counts[:, None]
-        if latest:
-            # the last min(count, n) rows, in chronological order
-            offs = (counts - n).clamp_min(0)[:, None] + torch.arange(n)[None, :]
-            take = offs
-        else:
-            keys = torch.rand(len(pos), width, generator=generator).masked_fill(~valid, 2.0)
-            take = torch.argsort(keys, dim=1)[:, :n]
-        weight = (torch.arange(n)[None, :] < counts[:, None]).float()
-        take = torch.where(weight > 0, take, torch.zeros_like(take))
-        rows = self.rows[self.starts[pos][:, None] + take]
-        return rows, weight
-
-
 def concat_splits(a: Split, b: Split, name: str) -> Split:
     ts = None if a.timestamp is None or b.timestamp is None else torch.cat([a.timestamp, b.timestamp])
     return Split(name, torch.cat([a.user_id, b.user_id]), torch.cat([a.hist_ids, b.hist_ids]),
@@ -704,58 +659,3 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
 
 
 # --------------------------------------------------------------------------- a toy dataset
-def write_toy_dataset(out, *, n_users: int = 40, n_items: int = 60, rows_per_user: tuple[int, int] = (12, 30),
-                      max_hist_len: int = 5, seed: int = 0, newusers: int = 0) -> None:
-    """A small prepared directory in the MetaSelector layout (for tests, benchmarks and demos).
-
-    Labels follow a logistic model in which half the users click by item popularity and half by
-    genre taste, so that different base models suit different users. Per user, rows are in time
-    order: first 80% = train (75% ``ms_support`` / 25% ``ms_query``), last 20% = ``ms_test``.
-    With ``newusers`` > 0, that many extra users go to ``ms_newuser_train`` / ``ms_newuser_test``.
-    """
-    import json
-    from pathlib import Path
-
-    import polars as pl
-
-    rng = np.random.default_rng(seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    total_users = n_users + newusers
-    genres = [sorted(set(rng.integers(1, 7, size=rng.integers(1, 3)).tolist())) for _ in range(n_items)]
-    pl.DataFrame({"item_id": np.arange(1, n_items + 1), "genres": genres},
-                 schema={"item_id": pl.Int64, "genres": pl.List(pl.Int64)}).write_parquet(out / "items.parquet")
-    pl.DataFrame({"user_id": np.arange(1, total_users + 1), "gender": rng.integers(1, 3, total_users),
-                  "age": rng.integers(1, 8, total_users)}).write_parquet(out / "users.parquet")
-    pop = rng.normal(0, 1.2, n_items + 1)
-    taste = rng.normal(0, 1.5, (total_users + 1, 7))
-    kind = rng.integers(0, 2, total_users + 1)
-    splits: dict[str, list[dict]] = {k: [] for k in (SUPPORT, QUERY, TEST, NEW_TRAIN, NEW_TEST)}
-    for u in range(1, total_users + 1):
-        n = int(rng.integers(rows_per_user[0], rows_per_user[1] + 1))
-        items = rng.integers(1, n_items + 1, n)
-        g_score = np.array([taste[u, genres[i - 1]].mean() for i in items])
-        z = np.where(kind[u] == 0, pop[items], g_score) + rng.normal(0, 0.3, n)
-        labels = (rng.random(n) < 1 / (1 + np.exp(-2 * z))).astype(np.int64)
-        n_train = max(2, int(round(0.8 * n)))
-        n_sup = max(1, int(round(0.75 * n_train)))
-        n_train, n_sup = n_train + 1, n_sup + 1  # row 0 only seeds the history (no empty sessions)
-        for j in range(1, n):
-            lo = max(0, j - max_hist_len)
-            row = {"user_id": u, "hist_item_ids": items[lo:j].tolist(), "hist_labels": labels[lo:j].tolist(),
-                   "target_item_id": int(items[j]), "label": int(labels[j]), "ctx_weekday": int(rng.integers(1, 8)),
-                   "ctx_season": int(rng.integers(1, 5)), "timestamp": 1000 * u + j}
-            if u > n_users:
-                splits[NEW_TRAIN if j < n_train else NEW_TEST].append(row)
-            else:
-                splits[SUPPORT if j < n_sup else QUERY if j < n_train else TEST].append(row)
-    schema = {"user_id": pl.Int64, "hist_item_ids": pl.List(pl.Int64), "hist_labels": pl.List(pl.Int64),
-              "target_item_id": pl.Int64, "label": pl.Int64, "ctx_weekday": pl.Int64, "ctx_season": pl.Int64,
-              "timestamp": pl.Int64}
-    for name, rows in splits.items():
-        if name in (NEW_TRAIN, NEW_TEST) and not newusers:
-            continue
-        pl.DataFrame(rows, schema=schema).write_parquet(out / f"{name}.parquet")
-    meta = {"context_fields": [{"name": "weekday", "vocab_size": 8}, {"name": "season", "vocab_size": 5}],
-            "max_hist_len": max_hist_len, "protocol": "metaselector", "toy": True}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -7,6 +7,8 @@ reads them. Table 5's "w/o Meta & Att" drops the attention branch, "w/o Meta & L
 
 from __future__ import annotations
 
+from metactr.data.split import FT_STAGES, RML_SUBSETS
+
 PAPER_LABELS = {"basic": "Basic", "wide_deep": "WD", "deepfm": "DeepFM", "din": "DIN", "dien": "DIEN",
                 "gru4rec": "GRU4Rec", "lstm4rec": "LSTM4Rec", "mimn": "MIMN", "meta_e": "Meta-E", "melu": "MeLU",
                 "mamo": "MAMO", "rml": "Ours (RML)", "rml_wo_meta": "w/o Meta",
@@ -30,8 +32,8 @@ ML1M: dict[str, tuple[float, ...]] = {
     "rml_wo_meta_lstm": (0.5622, 0.8110, 0.5135, 0.7817, 0.5606, 0.7931, 0.4034, 0.8101, 0.5399, 0.8027, 0.4285, 0.8190),
 }
 
-_STAGES = ("finetune_a", "finetune_b", "finetune_c")
-_SUBSETS = ("wc", "cw")
+_STAGES = FT_STAGES
+_SUBSETS = RML_SUBSETS
 _METRICS = ("logloss", "auc")
 
 

@@ -1,21 +1,17 @@
-"""The generalized cold-start protocol of the RML paper (MM'22, sec. 4.2), and a toy dataset for it.
+"""The generalized cold-start protocol of the RML paper (MM'22, sec. 4.2).
 
 ``run_protocol``: (meta-)train a model on ``{subset}_train`` with a strategy, then fine-tune it on
 FT-A, FT-B and FT-C in turn and score ``{subset}_test`` before and after each stage (logloss,
-AUC). ``ProtocolConfig.mode`` picks the authors' fine-tuning/scoring (``faithful``) or one that
-uses and scores every sample (``full``).
-
-``write_toy_rml_dataset``: a tiny synthetic dataset in the ml-1m-rml layout, for tests and CI.
+AUC). Training and fine-tuning both run in the one Trainer (no run directory: nothing is
+written). ``ProtocolConfig.mode`` picks the authors' fine-tuning/scoring (``faithful``) or one
+that uses and scores every sample (``full``).
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-import numpy as np
-import polars as pl
 import torch
 from pydantic import Field as PField
 
@@ -25,67 +21,14 @@ from metactr.eval.metrics import auc as auc_score
 from metactr.eval.metrics import bootstrap_ci95
 from metactr.eval.metrics import logloss as logloss_score
 from metactr.eval.predict import predict_proba
-from metactr.strategies.base import StrategyConfig, apply_step, train
-from metactr.models.base import CTRModel, build_model, objective
+from metactr.data.split import FT_STAGES
+from metactr.models.base import CTRModel, build_model
+from metactr.strategies import build_strategy
+from metactr.strategies.plain import FineTune
+from metactr.train.trainer import Trainer
 from metactr.utils import seed_everything
 
-SUBSETS = ("wc", "cw")
-STAGES = ("train", "finetune_a", "finetune_b", "finetune_c", "test")
-
-
-def write_toy_rml_dataset(root: str | Path, *, n_users: int = 60, n_items: int = 80, rows_per_user: int = 12,
-                          hist_len: int = 6, seed: int = 0) -> Path:
-    """Write ``{wc,cw}_{train,finetune_a..c,test}.parquet``, ``users.parquet``, ``items.parquet``.
-
-    Each user's last row goes to FT-A/FT-B/FT-C/test in turn, the others to train (the paper's
-    protocol); WC and CW use disjoint users.
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    n_all = 2 * n_users
-    taste = rng.integers(0, 2, n_all + 1)
-    kind = rng.integers(0, 2, n_items + 1)
-    pl.DataFrame({"user_id": np.arange(1, n_all + 1, dtype=np.int32),
-                  "gender": (taste[1:] + 1).astype(np.int16),
-                  "age": rng.integers(1, 8, n_all).astype(np.int16),
-                  "occupation": rng.integers(1, 22, n_all).astype(np.int16)}).write_parquet(root / "users.parquet")
-    genres = [sorted(set(rng.integers(1, 6, 2).tolist())) for _ in range(n_items)]
-    pl.DataFrame({"item_id": np.arange(1, n_items + 1, dtype=np.int32),
-                  "rate": (kind[1:] + 1).astype(np.int16),
-                  "year": rng.integers(1, 10, n_items).astype(np.int16),
-                  "genres": pl.Series(genres, dtype=pl.List(pl.Int16)),
-                  "directors": pl.Series([[int(x)] for x in rng.integers(1, 20, n_items)],
-                                         dtype=pl.List(pl.Int32))}).write_parquet(root / "items.parquet")
-    for s, subset in enumerate(SUBSETS):
-        rows: dict[str, list] = {st: [] for st in STAGES}
-        for k, u in enumerate(range(1 + s * n_users, 1 + (s + 1) * n_users)):
-            items = rng.integers(1, n_items + 1, rows_per_user + hist_len)
-            p = 0.2 + 0.6 * (kind[items] == taste[u])
-            labels = (rng.random(items.size) < p).astype(np.int8)
-            # the held-out (FT/test) row follows the rule without noise, alternating classes
-            # across users so that every FT/test split holds both labels
-            want = taste[u] if (k // 4) % 2 == 0 else 1 - taste[u]
-            items[-1] = 1 + int(np.flatnonzero(kind[1:] == want)[k % max(1, int((kind[1:] == want).sum()))])
-            labels[-1] = int(kind[items[-1]] == taste[u])
-            for r in range(rows_per_user):
-                t = hist_len + r
-                lo = max(0, t - hist_len - r % 3)  # varying session lengths (padding in batches)
-                row = (u, items[lo:t].tolist(), labels[lo:t].tolist(), int(items[t]), int(labels[t]))
-                stage = "train" if r < rows_per_user - 1 else STAGES[1 + k % 4]
-                rows[stage].append(row)
-        for st, rs in rows.items():
-            u, h, hl, tg, lb = zip(*rs, strict=True) if rs else ([], [], [], [], [])
-            pl.DataFrame({"user_id": pl.Series(u, dtype=pl.Int32),
-                          "hist_item_ids": pl.Series(h, dtype=pl.List(pl.Int32)),
-                          "hist_labels": pl.Series(hl, dtype=pl.List(pl.Int8)),
-                          "target_item_id": pl.Series(tg, dtype=pl.Int32),
-                          "label": pl.Series(lb, dtype=pl.Int8)}).write_parquet(root / f"{subset}_{st}.parquet")
-    return root
-
-
 # =========================================================================== the protocol
-FT_STAGES = ("finetune_a", "finetune_b", "finetune_c")
 STAGE_LABELS = {"before": "before FT", "finetune_a": "FT-A", "finetune_b": "FT-B", "finetune_c": "FT-C"}
 
 
@@ -108,22 +51,20 @@ class ProtocolConfig(StrictModel):
 
 
 def finetune(model: CTRModel, dataset: PreparedDataset, split: str, opt: torch.optim.Optimizer,
-             cfg: ProtocolConfig, gen: torch.Generator, clip_norm: float | None = 5.0) -> int:
-    """Fine-tune every model parameter on ``split``; returns the number of steps taken."""
+             cfg: ProtocolConfig, gen: torch.Generator, clip_norm: float | None = 5.0,
+             trainer: Trainer | None = None) -> int:
+    """Fine-tune every model parameter on ``split`` (the training's optimizer, state and rate
+    kept); returns the number of steps taken."""
     if cfg.ft_lr is not None:
         for g in opt.param_groups:
             g["lr"] = cfg.ft_lr
-    params = list(model.parameters())
-    model.train()
-    steps = 0
     passes = 1 if cfg.mode == "faithful" else cfg.ft_epochs
-    for _ in range(passes):
-        for batch in dataset.iter_batches(split, cfg.ft_batch_size, shuffle=True, generator=gen,
-                                          drop_last=cfg.mode == "faithful"):
-            loss, _ = objective(model, None, batch)
-            apply_step(opt, params, loss, clip_norm)
-            steps += 1
-    return steps
+    faithful = cfg.mode == "faithful"
+    n = len(dataset.split(split))  # (a faithful FT set below one batch takes no step, but draws its shuffle)
+    result = (trainer or Trainer()).fit(model, dataset, split, FineTune(opt, clip_norm), epochs=passes,
+                                        batch_size=cfg.ft_batch_size, generator=gen, drop_last=faithful)
+    per = n // cfg.ft_batch_size if faithful else -(-n // cfg.ft_batch_size)
+    return per * len(result.history)
 
 
 def scored_rows(n: int, cfg: ProtocolConfig, gen: torch.Generator) -> torch.Tensor:
@@ -142,16 +83,19 @@ def evaluate(model: CTRModel, dataset: PreparedDataset, split: str, rows: torch.
 
 
 def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_kw: dict,
-                 strategy: StrategyConfig, cfg: ProtocolConfig, seed: int,
-                 log=None) -> list[dict]:
-    """(Meta-)train ``model_name`` on ``{subset}_train``, then fine-tune on FT-A, FT-B, FT-C in
-    turn and score ``{subset}_test`` before and after each. One row per stage."""
+                 strategy: Any, cfg: ProtocolConfig, seed: int, *, epochs: float = 10.0, batch_size: int = 128,
+                 trainer: Trainer | None = None) -> list[dict]:
+    """(Meta-)train ``model_name`` on ``{subset}_train`` with ``strategy`` (a strategy config) for
+    ``epochs`` in batches of ``batch_size``, then fine-tune on FT-A, FT-B, FT-C in turn and score
+    ``{subset}_test`` before and after each. One row per stage."""
     for s in ("train", "test", *FT_STAGES):
         dataset.split(f"{subset}_{s}")  # fail early (DataError) on a missing split
+    trainer = trainer or Trainer()
     seed_everything(seed)
     model = build_model(model_name, dataset.spec, **model_kw)
     t0 = time.perf_counter()
-    result = train(model, dataset, f"{subset}_train", strategy, seed=seed, log=log)
+    fitted = trainer.fit(model, dataset, f"{subset}_train", build_strategy(strategy), epochs=epochs,
+                         batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
     train_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(seed + 7919)
     test = f"{subset}_test"
@@ -160,7 +104,8 @@ def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_k
     for stage in ("before", *FT_STAGES):
         steps = 0
         if stage != "before":
-            steps = finetune(model, dataset, f"{subset}_{stage}", result.optimizer, cfg, gen, strategy.clip_norm)
+            steps = finetune(model, dataset, f"{subset}_{stage}", fitted.strategy.optimizer, cfg, gen,
+                             strategy.clip_norm, trainer)
         m, y, prob = evaluate(model, dataset, test, rows_idx)
         row = {"subset": subset, "stage": stage, "seed": seed, "ft_steps": steps, **m, "train_s": round(train_s, 2)}
         if cfg.mode == "faithful":  # also every test row, to compare with the authors' partial scoring

@@ -28,14 +28,13 @@ from metactr.eval.metrics import mean_ci95
 from metactr.eval.report import fmt, fmt_ci, markdown_table, write_run
 from metactr.papers.rml.paper_numbers import PAPER_LABELS, paper_value
 from metactr.papers.rml.protocol import FT_STAGES, STAGE_LABELS, ProtocolConfig, run_protocol
-from metactr.strategies.base import StrategyConfig
+from metactr.strategies.config import StrategyDefaults, strategy_config
 
 ABLATIONS = {"rml": ("rml", "two_phase"), "rml_wo_meta": ("rml", "plain"),
              "rml_wo_meta_att": ("rml_no_att", "plain"), "rml_wo_meta_lstm": ("rml_no_lstm", "plain")}
 # the meta-learning competitors of the paper: method -> (model, training procedure)
 META_BASELINES = {"meta_e": ("meta_embedding", "meta_embedding"), "melu": ("melu", "melu"),
                   "mamo": ("mamo", "mamo")}
-BASELINES = ("basic", "wide_deep", "deepfm", "din", "dien", "gru4rec", "lstm4rec", "mimn")
 DEFAULT_METHODS = ("rml", "rml_wo_meta", "rml_wo_meta_att", "rml_wo_meta_lstm", "din")
 QUICK_METHODS = ("rml", "rml_wo_meta")
 
@@ -53,7 +52,7 @@ class ReproduceConfig(StrictModel):
     seeds: int = PField(5, ge=1)
     first_seed: int = 0
     max_hist_len: int | None = PField(None, ge=1)
-    strategy: StrategyConfig = StrategyConfig()
+    strategy: StrategyDefaults = StrategyDefaults()  # shared by every method; each keeps the keys it has
     protocol: ProtocolConfig = ProtocolConfig()
     method: dict[str, MethodConfig] = {}  # per-method overrides / extra methods
 
@@ -76,15 +75,21 @@ def method_config(cfg: ReproduceConfig, name: str) -> MethodConfig:
                       f"model: {', '.join(registry())})", field="methods")
 
 
-def job_settings(cfg: ReproduceConfig, name: str) -> tuple[str, dict, StrategyConfig]:
+def job_settings(cfg: ReproduceConfig, name: str) -> tuple[str, dict, Any, float, int]:
+    """(model, its keyword arguments, strategy config, epochs, batch size) of method ``name``."""
     mc = method_config(cfg, name)
-    strat = StrategyConfig(**{**cfg.strategy.model_dump(), "name": mc.strategy, **mc.strategy_kw})
-    return mc.model, dict(mc.model_kw), strat
+    unknown = sorted(set(mc.strategy_kw) - set(StrategyDefaults.model_fields))
+    if unknown:
+        raise ConfigError(f"method '{name}': unknown strategy setting(s) {', '.join(unknown)}",
+                          field=f"method.{name}.strategy_kw")
+    values = StrategyDefaults(**{**cfg.strategy.model_dump(), **mc.strategy_kw}).model_dump()
+    return mc.model, dict(mc.model_kw), strategy_config(mc.strategy, values), values["epochs"], values["batch_size"]
 
 
 def _job_key(data: str, cfg: ReproduceConfig, method: str, subset: str, seed: int) -> str:
-    model, kw, strat = job_settings(cfg, method)
+    model, kw, strat, epochs, batch_size = job_settings(cfg, method)
     blob = json.dumps({"data": str(Path(data).resolve()), "model": model, "kw": kw, "strategy": strat.model_dump(),
+                       "epochs": epochs, "batch_size": batch_size,
                        "protocol": cfg.protocol.model_dump(), "hist": cfg.max_hist_len, "subset": subset,
                        "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -104,9 +109,10 @@ def _run_job(data: str, cfg_json: str, method: str, subset: str, seed: int, out_
     key = (data, cfg.max_hist_len)
     if key not in _DATASETS:
         _DATASETS[key] = PreparedDataset(data, max_hist_len=cfg.max_hist_len)
-    model, kw, strat = job_settings(cfg, method)
+    model, kw, strat, epochs, batch_size = job_settings(cfg, method)
     t0 = time.perf_counter()
-    rows = run_protocol(_DATASETS[key], subset, model, kw, strat, cfg.protocol, seed)
+    rows = run_protocol(_DATASETS[key], subset, model, kw, strat, cfg.protocol, seed, epochs=epochs,
+                        batch_size=batch_size)
     wall = time.perf_counter() - t0
     write_json_atomic(out_file, {"key": _job_key(data, cfg, method, subset, seed), "method": method,
                                  "subset": subset, "seed": seed, "wall_s": round(wall, 2), "rows": rows})

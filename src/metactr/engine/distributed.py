@@ -62,3 +62,21 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_mean_grads(params, info: DistInfo) -> None:
+    """Sum every ``.grad`` across ranks (each rank's loss carries its share's weight, so the sum is
+    the gradient of the whole batch's mean loss); a rank without a gradient contributes zeros."""
+    if not info.enabled:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def shard(n: int, info: DistInfo) -> torch.Tensor | None:
+    """This rank's rows of ``n`` (``rank::world_size``), or None for one process."""
+    if not info.enabled:
+        return None
+    return torch.arange(info.rank, n, info.world_size)
