@@ -62,6 +62,7 @@ class Phase:
 
     name: str = "train"
     log_every: int | None = None  # the Trainer logs the mean loss every so many steps
+    train_mode: bool = True  # the model's mode during the phase (False: dropout off)
     sharded_rows: bool = False  # each rank streams its own share of the rows (losses are summed across ranks)
 
     def steps_per_epoch(self) -> int:

@@ -229,7 +229,7 @@ class Trainer:
         while state["phase_epoch"] < n_epochs and not state["stopped_early"]:
             epoch, pe = state["epoch"] + 1, state["phase_epoch"] + 1
             limit = min(per, total - (pe - 1) * per)
-            model.train()
+            model.train(phase.train_mode)
             lr = phase.lr()
             t0 = time.perf_counter()
             loss_sum, rows = self._epoch(phase, limit, show, f"{phase.name if len(phases) > 1 else 'epoch'} "

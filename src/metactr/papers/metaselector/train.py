@@ -47,6 +47,9 @@ from metactr.eval.predict import predict_proba
 from metactr.engine.functional import MetaSGDRates, adapt_and_predict, inner_adapt, live_params, maml_outer_loss
 from metactr.models.metaselector import MetaSelector
 from metactr.models.base import CTRModel, build_model, objective
+from metactr.strategies.base import Phase, Strategy
+from metactr.strategies.plain import FineTune
+from metactr.train.trainer import Trainer
 from metactr.engine.device import resolve_device
 
 SUPPORT, QUERY, TEST = MS_SPLITS
@@ -306,27 +309,14 @@ def _optimizer(model: nn.Module, b: BaseModelConfig) -> torch.optim.Optimizer:
 
 def pretrain(model: CTRModel, b: BaseModelConfig, ds: PreparedDataset, split: Split, *, epochs: int,
              batch_size: int, generator: torch.Generator) -> list[float]:
-    """Mini-batch training of one base model on the pooled rows of ``split`` (sec. 5.3).
-
-    A plain loop over the shared ``objective``: MetaSelector's pre-training needs nothing of
-    the full trainer (no checkpoints or early stopping; the test data are the users' later
-    interactions). Returns the mean training loss of each epoch.
-    """
-    opt = _optimizer(model, b)
-    model.train()
-    history = []
-    dev = _device(model)
-    for _ in range(epochs):
-        total, n = 0.0, 0
-        for batch in ds.iter_batches(split, batch_size, shuffle=True, generator=generator):
-            batch = batch.to(dev)
-            loss, _ = objective(model, None, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * batch.size
-            n += batch.size
-        history.append(total / max(n, 1))
+    """Mini-batch training of one base model on the pooled rows of ``split`` (sec. 5.3), in the
+    Trainer with the base model's own optimizer (no clipping, no schedule, no files). Returns the
+    mean training loss of each epoch."""
+    history: list[float] = []
+    if epochs > 0:
+        fitted = Trainer(device=_device(model)).fit(model, ds, split, FineTune(_optimizer(model, b), None),
+                                                    epochs=epochs, batch_size=batch_size, generator=generator)
+        history = [r["train_loss"] for r in fitted.history]
     model.eval()
     return history
 
@@ -359,63 +349,113 @@ class MetaResult:
     seconds: float
 
 
+class _Episodes(Phase):
+    """``episodes`` steps: ``users_per_episode`` users, a support and a query sample of each."""
+
+    name = "episode"
+    train_mode = False  # no dropout in meta-training (see module docstring)
+
+    def __init__(self, s: MetaSelectorStrategy) -> None:
+        self.s = s
+        self.log_every = max(1, s.cfg.episodes // 5)
+
+    def steps_per_epoch(self) -> int:
+        return self.s.cfg.episodes
+
+    def stream(self):
+        s, cfg, g = self.s, self.s.cfg, self.s.ctx.generator
+        m = min(cfg.users_per_episode, len(s.users))
+        for _ in range(cfg.episodes):
+            pick = s.users[torch.randperm(len(s.users), generator=g)[:m]]
+            s_rows, sw = s.sup_idx.sample(s.sup_idx.lookup(pick), cfg.max_support, g)
+            q_rows, qw = s.qry_idx.sample(s.qry_idx.lookup(pick), cfg.max_query, g)
+            yield (task_batch(s.data.ds, s.data.support, s_rows), task_batch(s.data.ds, s.data.query, q_rows), sw, qw)
+
+    def rows(self, item) -> int:
+        return int(item[2].sum() + item[3].sum())
+
+    def step(self, item) -> Tensor:
+        s, cfg = self.s, self.s.cfg
+        support, query, sw, qw = item
+        loss = meta_loss(s.ctx.model, s.live, s.rates.as_dict(), support, query, sw, qw, steps=cfg.inner_steps,
+                         first_order=cfg.first_order, vectorize=cfg.vectorize)
+        s.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        s.opt.step()
+        with torch.no_grad():  # a negative inner rate would turn adaptation into ascent
+            for r in s.rates.rates:
+                r.clamp_(min=0.0)
+        s.losses.append(float(loss.detach()))
+        return loss.detach()
+
+
+class MetaSelectorStrategy(Strategy):
+    """Algorithm 1 (with Meta-SGD, eq. 5) on the training users of ``data``: the inner step adapts
+    ``adapt_groups``, the outer step updates ``outer_groups`` and (if learned) the inner rates."""
+
+    def __init__(self, cfg: MetaTrainConfig, data: SelectorData, adapt_groups: Sequence[str],
+                 outer_groups: Sequence[str]) -> None:
+        super().__init__(cfg)
+        self.data, self.adapt_groups, self.outer_groups = data, adapt_groups, outer_groups
+
+    def setup(self, ctx) -> list[Phase]:
+        self.ctx, cfg, model = ctx, self.cfg, ctx.model
+        self.names = model.params_in(*self.adapt_groups)
+        outer_names = model.params_in(*self.outer_groups)
+        self.live = live_params(model)
+        for n, p in self.live.items():
+            p.requires_grad_(n in outer_names)
+        self.rates = MetaSGDRates(self.live, self.names, cfg.inner_lr)
+        if cfg.inner_lr_by_model:
+            start = fine_tune_rates(self.rates.as_dict(), cfg.inner_lr_by_model, model.base_names,
+                                    field="meta.inner_lr_by_model")
+            with torch.no_grad():
+                for n, r in zip(self.rates.names, self.rates.rates, strict=True):
+                    r.copy_(start[n])
+        self.rates.requires_grad_(cfg.learn_inner_lr)
+        outer_lr = cfg.outer_lr if cfg.outer_lr is not None else cfg.inner_lr / 10.0
+        opt_params = [self.live[n] for n in outer_names] + ([*self.rates.parameters()] if cfg.learn_inner_lr else [])
+        # fused: one kernel over each tensor instead of ~10 ops (the step touches every full table and
+        # its same-shaped Meta-SGD rates; docs/metaselector.md has the timing)
+        self.opt = torch.optim.Adam(opt_params, lr=outer_lr, fused=True)
+        self.sup_idx, self.qry_idx = UserIndex.build(self.data.support), UserIndex.build(self.data.query)
+        # a task needs both a support and a query row
+        self.users = self.sup_idx.users[self.qry_idx.lookup(self.sup_idx.users) >= 0]
+        if len(self.users) == 0:
+            raise DataError("no user has both support and query rows", path=self.data.ds.root)
+        self.losses: list[float] = []
+        return [_Episodes(self)]
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"outer": self.opt} if self.ctx else {}
+
+    def extra_tensors(self) -> dict[str, Tensor]:
+        return {f"rates.{k}": v for k, v in self.rates.state_dict(keep_vars=True).items()} if self.ctx else {}
+
+    def finish(self) -> dict[str, Any]:
+        for p in self.live.values():
+            p.requires_grad_(True)
+        return {}
+
+
+@dataclass
+class MetaResult:
+    model: MetaSelector
+    rates: MetaSGDRates
+    adapt_names: list[str]
+    losses: list[float]
+    seconds: float
+
+
 def meta_train(model: MetaSelector, data: SelectorData, cfg: MetaTrainConfig, *, adapt_groups: Sequence[str],
                outer_groups: Sequence[str], generator: torch.Generator,
                log: Callable[[str], None] | None = None) -> MetaResult:
-    """Algorithm 1 (with Meta-SGD, eq. 5) on the training users of ``data``.
-
-    ``adapt_groups`` are adapted in the inner step (``base``+``selector`` for MetaSelector,
-    ``selector`` for Simplified); ``outer_groups`` are updated in the outer step (the same).
-    """
-    model.eval()  # no dropout in meta-training (see module docstring)
-    names = model.params_in(*adapt_groups)
-    outer_names = model.params_in(*outer_groups)
-    live = live_params(model)
-    for n, p in live.items():
-        p.requires_grad_(n in outer_names)
-    rates = MetaSGDRates(live, names, cfg.inner_lr)
-    if cfg.inner_lr_by_model:
-        start = fine_tune_rates(rates.as_dict(), cfg.inner_lr_by_model, model.base_names,
-                                field="meta.inner_lr_by_model")
-        with torch.no_grad():
-            for n, r in zip(rates.names, rates.rates, strict=True):
-                r.copy_(start[n])
-    rates.requires_grad_(cfg.learn_inner_lr)
-    outer_lr = cfg.outer_lr if cfg.outer_lr is not None else cfg.inner_lr / 10.0
-    opt_params = [live[n] for n in outer_names] + ([*rates.parameters()] if cfg.learn_inner_lr else [])
-    # fused: one kernel over each tensor instead of ~10 ops (the step touches every full table and
-    # its same-shaped Meta-SGD rates: 11.4 -> 4.0 ms per episode on ML-1M, CPU, 1 thread)
-    opt = torch.optim.Adam(opt_params, lr=outer_lr, fused=True)
-    sup_idx, qry_idx = UserIndex.build(data.support), UserIndex.build(data.query)
-    # a task needs both a support and a query row
-    users = sup_idx.users[qry_idx.lookup(sup_idx.users) >= 0]
-    if len(users) == 0:
-        raise DataError("no user has both support and query rows", path=data.ds.root)
-    losses: list[float] = []
+    """Meta-train ``model`` in the Trainer (``MetaSelectorStrategy``; ``episodes`` steps, one epoch)."""
     t0 = time.perf_counter()
-    m = min(cfg.users_per_episode, len(users))
-    dev = _device(model)
-    for ep in range(cfg.episodes):
-        pick = users[torch.randperm(len(users), generator=generator)[:m]]
-        s_rows, sw = sup_idx.sample(sup_idx.lookup(pick), cfg.max_support, generator)
-        q_rows, qw = qry_idx.sample(qry_idx.lookup(pick), cfg.max_query, generator)
-        support = task_batch(data.ds, data.support, s_rows).to(dev)
-        query = task_batch(data.ds, data.query, q_rows).to(dev)
-        sw, qw = sw.to(dev), qw.to(dev)
-        loss = meta_loss(model, live, rates.as_dict(), support, query, sw, qw, steps=cfg.inner_steps,
-                         first_order=cfg.first_order, vectorize=cfg.vectorize)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # a negative inner rate would turn adaptation into ascent
-            for r in rates.rates:
-                r.clamp_(min=0.0)
-        losses.append(float(loss.detach()))
-        if log and (ep + 1) % max(1, cfg.episodes // 5) == 0:
-            log(f"  episode {ep + 1}/{cfg.episodes}: query loss {np.mean(losses[-50:]):.4f}")
-    for p in live.values():
-        p.requires_grad_(True)
-    return MetaResult(model, rates, names, losses, time.perf_counter() - t0)
+    strategy = MetaSelectorStrategy(cfg, data, adapt_groups, outer_groups)
+    Trainer(device=_device(model), log=log).fit(model, data.ds, data.support, strategy, epochs=1, batch_size=1,
+                                                generator=generator)
+    return MetaResult(model, strategy.rates, strategy.names, strategy.losses, time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- meta-test
