@@ -25,6 +25,8 @@ from torch import Tensor
 from metactr.data.prepared import PreparedDataset, Split
 from metactr.eval.metrics import EPS
 from metactr.models.metaselector import SelectorNet
+from metactr.strategies.base import Context, Phase, Strategy
+from metactr.train.trainer import Trainer
 
 
 def sample_losses(P: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -93,26 +95,14 @@ class SampleLevelSelector:
 
     def fit(self, split: Split, P: np.ndarray, *, epochs: int, batch_size: int, lr: float,
             generator: torch.Generator) -> list[float]:
-        labels = torch.from_numpy(np.argmin(sample_losses(P, split.label.numpy()), axis=1))
-        Pt = torch.from_numpy(np.asarray(P, dtype=np.float32))
-        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
-        self.net.train()
-        hist = []
-        n = len(split)
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            tot = 0.0
-            for start in range(0, n, batch_size):
-                idx = order[start:start + batch_size]
-                log_lam = self.net(self.ds.batch(split, idx), Pt[idx])
-                loss = F.nll_loss(log_lam, labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                tot += float(loss.detach()) * len(idx)
-            hist.append(tot / max(n, 1))
+        """Train the classifier in the Trainer; the mean training loss of each epoch."""
+        if epochs <= 0:
+            self.net.eval()
+            return []
+        fitted = Trainer().fit(self.net, self.ds, split, _BestModelClassifier(self, P, lr), epochs=epochs,
+                               batch_size=batch_size, generator=generator)
         self.net.eval()
-        return hist
+        return [r["train_loss"] for r in fitted.history]
 
     @torch.no_grad()
     def weights(self, split: Split, P: np.ndarray, batch_size: int = 4096) -> np.ndarray:
@@ -126,3 +116,49 @@ class SampleLevelSelector:
 
     def predict(self, split: Split, P: np.ndarray) -> np.ndarray:
         return mix(P, self.weights(split, P))
+
+
+class _ClassifierRows(Phase):
+    def __init__(self, s: _BestModelClassifier) -> None:
+        self.s = s
+
+    def steps_per_epoch(self) -> int:
+        return self.s.ctx.row_steps
+
+    def stream(self):
+        ctx = self.s.ctx
+        n, bs = len(ctx.split), ctx.batch_size
+        order = torch.randperm(n, generator=ctx.generator)
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            yield ctx.dataset.batch(ctx.split, idx), self.s.P[idx], self.s.labels[idx]
+
+    def rows(self, item) -> int:
+        return int(item[2].numel())
+
+    def step(self, item) -> Tensor:
+        batch, p, labels = item
+        loss = F.nll_loss(self.s.ctx.model(batch, p), labels)
+        self.s.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.s.opt.step()
+        return loss.detach()
+
+
+class _BestModelClassifier(Strategy):
+    """Cross-entropy of the best base model of each row (argmin of the per-model logloss), Adam."""
+
+    def __init__(self, sel: SampleLevelSelector, P: np.ndarray, lr: float) -> None:
+        super().__init__(None)
+        self.sel, self.lr = sel, lr
+        self.P = torch.from_numpy(np.asarray(P, dtype=np.float32))
+        self.raw_P = P
+
+    def setup(self, ctx: Context) -> list[Phase]:
+        self.ctx = ctx
+        self.labels = torch.from_numpy(np.argmin(sample_losses(self.raw_P, ctx.split.label.numpy()), axis=1))
+        self.opt = torch.optim.Adam(ctx.model.parameters(), lr=self.lr)
+        return [_ClassifierRows(self)]
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"main": self.opt} if self.ctx else {}
