@@ -47,13 +47,15 @@ class _TaskPhase(Phase):
 class _TaskStrategy(Strategy):
     default_groups: list[str] | None = None
 
-    def _groups(self) -> list[str] | None:
+    @property
+    def adapt_groups(self) -> list[str] | None:
+        """The groups the inner loop adapts (None: every parameter)."""
         return self.cfg.adapt_groups if self.cfg.adapt_groups is not None else self.default_groups
 
     def setup(self, ctx: Context) -> list[Phase]:
         self.ctx = ctx
         cfg = self.cfg
-        self.names = group_names(ctx.model, self._groups())
+        self.names = group_names(ctx.model, self.adapt_groups)
         self.sampler = UserTaskSampler(ctx.dataset, ctx.split.name, tasks_per_batch=cfg.tasks_per_batch,
                                        support_size=cfg.support_size, query_size=cfg.query_size,
                                        query_frac=cfg.query_frac)
