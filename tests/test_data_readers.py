@@ -125,7 +125,7 @@ def test_avazu_reader_user_rule(tmp_path):
     raw = read_dataset("avazu", p.parent)
     inter = raw.interactions
     assert inter["user"].to_list() == ["ip1|m1", "dev9", "ip1|m1"]
-    assert inter["item"].to_list() == ["15706", "15704", "1"]
+    assert inter["item"].to_list() == [15706, 15704, 1]  # canonical ids: all integers -> Int64
     assert inter["label"].to_list() == [0, 1, 0]
     assert inter["timestamp"][1] - inter["timestamp"][0] == 3600  # 2014-10-21 00:00 -> 01:00 UTC
     assert inter["timestamp"][0] == 1413849600

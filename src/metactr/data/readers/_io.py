@@ -43,6 +43,7 @@ def read_delimited(path: Path, columns: list[str], *, sep: str, encoding: str = 
                    has_header: bool = False) -> pl.DataFrame:
     """Read an unquoted delimited file into string columns; every line must have len(columns) fields."""
     text = read_text(path, encoding)
+    shown = sep  # the file's separator, for messages (a multi-character one is replaced below)
     if len(sep) > 1:
         if _UNIT_SEP in text:
             raise DataError("unexpected control character \\x1f in file", path=path)
@@ -68,8 +69,9 @@ def read_delimited(path: Path, columns: list[str], *, sep: str, encoding: str = 
         start = 0 if i == 0 else int(nl[i - 1]) + 1
         snippet = arr[start:int(nl[i])].tobytes().decode("utf-8", "replace")[:60]
         hint = " (wrong separator?)" if counts[i] == 0 else ""
-        raise DataError(f"expected {len(columns)} fields separated by {sep!r}, found {counts[i] + 1}{hint}: {snippet!r}",
-                        path=path, line=i + 1)
+        snippet = snippet.replace(_UNIT_SEP, shown)
+        raise DataError(f"expected {len(columns)} fields separated by {shown!r}, found {counts[i] + 1}{hint}: "
+                        f"{snippet!r}", path=path, line=i + 1)
     if n_lines - int(blank.sum()) - int(has_header) <= 0:
         return pl.DataFrame({c: pl.Series([], dtype=pl.String) for c in columns})
     df = pl.read_csv(io.BytesIO(arr.tobytes()), has_header=has_header, separator=sep, quote_char=None,
@@ -77,10 +79,13 @@ def read_delimited(path: Path, columns: list[str], *, sep: str, encoding: str = 
     return df
 
 
-def cast_checked(df: pl.DataFrame, casts: dict[str, pl.DataType], path: Path, *, line_offset: int = 1) -> pl.DataFrame:
+def cast_checked(df: pl.DataFrame, casts: dict[str, pl.DataType], path: Path, *, line_offset: int = 1,
+                 lenient: bool = False, hint: str = "") -> pl.DataFrame:
     """Cast string columns; the first value that does not parse is a DataError naming line and field.
 
-    ``line_offset`` = file line of row 0 (2 when there is a header line).
+    ``line_offset`` = file line of row 0 (2 when there is a header line). ``lenient``: leave
+    values that do not parse as null instead (``on_bad_rows: skip``: the boundary checks drop
+    and count them). ``hint`` is added to the message when the first data line fails.
     """
     out = []
     for name, dtype in casts.items():
@@ -90,9 +95,10 @@ def cast_checked(df: pl.DataFrame, casts: dict[str, pl.DataType], path: Path, *,
         src = col.str.strip_chars() if col.dtype == pl.String else col
         casted = src.cast(dtype, strict=False)
         failed = casted.is_null() & src.is_not_null()
-        if failed.any():
+        if failed.any() and not lenient:
             i = int(failed.arg_max())
-            raise DataError(f"cannot parse {src[i]!r} as {dtype}", path=path, line=i + line_offset, field=name)
+            what = f"empty {name}" if src[i] == "" else f"cannot parse {src[i]!r} as {dtype}"
+            raise DataError(what + (hint if i == 0 else ""), path=path, line=i + line_offset, field=name)
         out.append(casted.alias(name))
     return df.with_columns(out)
 
