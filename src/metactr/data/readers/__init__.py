@@ -67,7 +67,8 @@ def reader_names() -> list[str]:
 
 def _load_all() -> None:
     # import for the registration side effect; each module is small
-    from metactr.data.readers import amazon, avazu, bookcrossing, custom, movielens, synthetic  # noqa: F401
+    from metactr.data.readers import (amazon, avazu, bookcrossing, custom, movielens, movielens_csv,  # noqa: F401
+                                      synthetic)
 
 
 def read_dataset(name: str, data_dir: str | Path, *, on_bad_rows: str = "error", **opts) -> RawData:

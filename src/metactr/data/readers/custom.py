@@ -251,7 +251,11 @@ def read_custom(data_dir: Path, schema: str) -> RawData:
         log_side = log_side.with_columns(pl.col(kind).cast(pl.String).str.strip_chars())
         return log_side.join(tab, on=kind, how="full", coalesce=True, maintain_order="left")
 
-    users, items = side("user", s.user_features, s.user_table), side("item", s.item_features, s.item_table)
+    def key_first(t: pl.DataFrame | None, kind: str) -> pl.DataFrame | None:
+        return None if t is None else t.select(kind, pl.exclude(kind))
+
+    users = key_first(side("user", s.user_features, s.user_table), "user")
+    items = key_first(side("item", s.item_features, s.item_table), "item")
     names = {"user": c.user, "item": c.item, "label": c.label or "label", "rating": c.rating or "rating",
              "timestamp": c.time or "timestamp"}
     return RawData(interactions=inter, users=users, items=items, sources=sources, has_time=c.time is not None,
