@@ -62,6 +62,12 @@ def read_delimited(path: Path, columns: list[str], *, sep: str, encoding: str = 
     line_of_sep = np.searchsorted(nl, np.flatnonzero(arr == sep_byte))
     counts = np.bincount(line_of_sep, minlength=n_lines)
     blank = np.diff(np.concatenate([[-1], nl])) == 1
+    if blank.any():
+        nonblank = np.flatnonzero(~blank)
+        inner = np.flatnonzero(blank[: int(nonblank[-1])]) if nonblank.size else np.zeros(0, dtype=np.int64)
+        if inner.size:  # trailing blank lines are harmless; inner ones would shift every line number
+            raise DataError("blank line inside the file (truncated or concatenated?)", path=path,
+                            line=int(inner[0]) + 1)
     expected = len(columns) - 1
     bad = np.flatnonzero((counts != expected) & ~blank)
     if bad.size:
@@ -108,8 +114,11 @@ def numbered(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
 
 
-def locate_bad_csv_line(path: Path, *, sep: str, encoding: str, n_fields: int | None) -> tuple[int | None, str]:
-    """Error path only: the first line whose field count differs (Python's csv, streaming)."""
+def locate_bad_csv_line(path: Path, *, sep: str, encoding: str, n_fields: int | None,
+                        ) -> tuple[int | None, str]:
+    """Error path only: the first line whose field count differs (Python's csv, streaming).
+
+    ``n_fields`` None: the first line (a header) sets the count."""
     import csv
 
     try:
@@ -144,8 +153,9 @@ def read_csv_strings(path: Path, *, sep: str = ",", encoding: str = "utf-8", has
                          columns=columns if has_header else None)
     except pl.exceptions.ColumnNotFoundError as e:
         raise DataError(f"missing column ({' '.join(str(e).split())[:120]})", path=path) from None
-    except (pl.exceptions.ComputeError, pl.exceptions.NoDataError, pl.exceptions.ShapeError) as e:
-        line, why = locate_bad_csv_line(path, sep=sep, encoding=encoding, n_fields=None if has_header else None)
+    except pl.exceptions.PolarsError as e:  # malformed text (field counts, quotes, encoding, no data)
+        n = len(new_columns) if new_columns and not has_header else None
+        line, why = locate_bad_csv_line(path, sep=sep, encoding=encoding, n_fields=n)
         if "invalid utf-8" in str(e).lower():
             why = why or "bad utf-8 text; set the encoding option (e.g. latin-1)"
         raise DataError(why or f"cannot parse CSV: {' '.join(str(e).split())[:160]}", path=path, line=line) from None

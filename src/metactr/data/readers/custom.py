@@ -229,7 +229,7 @@ def read_custom(data_dir: Path, schema: str) -> RawData:
         if not lab.is_in([0, 1]).fill_null(True).all() and not lenient:
             i = int((~lab.is_in([0, 1])).fill_null(False).arg_max())
             raise DataError(f"label must be 0 or 1, got {lab[i]!r}", path=path, line=i + off, field=c.label)
-        cols["label"] = pl.when(lab.is_in([0, 1])).then(lab).otherwise(None).cast(pl.Int8) if lenient else lab.cast(pl.Int8)
+        cols["label"] = lab if lenient else lab.cast(pl.Int8)  # lenient: bad values go to the boundary checks
     else:
         cols["rating"] = checked(c.rating, pl.Float64, "rating must be a number")
     inter = pl.DataFrame(cols)
