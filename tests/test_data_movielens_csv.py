@@ -177,3 +177,21 @@ def test_readme_commands_work_without_metactr_data():
         assert given.startswith("/data/"), given
         if (ROOT / "../shared/datasets").is_dir():  # the datasets beside the project: the path is real
             assert (ROOT / unset).exists(), unset
+
+
+def test_download_then_prepare_ml_latest_small_from_its_zip(tmp_path):
+    """The zip's layout (files inside ml-latest-small/), fetched from a file:// URL, then one prepare."""
+    import zipfile
+
+    from metactr.data.download import download_dataset
+
+    src = ml_latest_small(tmp_path / "src")
+    archive = tmp_path / "ml-latest-small.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted(src.iterdir()):
+            z.write(p, f"ml-latest-small/{p.name}")
+    got = download_dataset("ml-latest-small", tmp_path / "raw", url=archive.as_uri(), echo=lambda s: None)
+    assert (got / "ratings.csv").is_file() and (got / "movies.csv").is_file()
+    out = prepare("movielens", got, tmp_path / "prep", PrepareConfig(protocol="random",
+                                                                    filter={"min_user_interactions": 3}))
+    assert "genres" in pl.read_parquet(out / "items.parquet").columns

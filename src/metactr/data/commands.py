@@ -11,7 +11,8 @@ app = typer.Typer(no_args_is_help=True, help="Download, synthesize, prepare and 
 
 
 @app.command()
-def download(name: str = typer.Argument(..., help="ml-1m, ml-100k or book-crossing (avazu/amazon: prints where)"),
+def download(name: str = typer.Argument(..., help="ml-1m, ml-100k, ml-latest-small, ml-25m, ml-32m or book-crossing "
+                                        "(avazu/amazon: prints where)"),
              dest: Path = typer.Option(Path("data/raw"), "--dest", help="folder that receives <name>/"),
              sha256: str | None = typer.Option(None, "--sha256", help="pin the archive's SHA-256"),
              url: str | None = typer.Option(None, "--url", help="another URL (mirror, file://) for the archive")) -> None:
