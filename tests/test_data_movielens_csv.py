@@ -195,3 +195,20 @@ def test_download_then_prepare_ml_latest_small_from_its_zip(tmp_path):
     out = prepare("movielens", got, tmp_path / "prep", PrepareConfig(protocol="random",
                                                                     filter={"min_user_interactions": 3}))
     assert "genres" in pl.read_parquet(out / "items.parquet").columns
+
+
+def test_custom_schema_with_movies_table_gives_the_movielens_csv_splits(tmp_path):
+    d = ml_latest_small(tmp_path)
+    schema = tmp_path / "ml.yaml"
+    schema.write_text(yaml.safe_dump({
+        "file": "ratings.csv", "columns": {"user": "userId", "item": "movieId", "time": "timestamp",
+                                           "rating": "rating"},
+        "rating_range": [0.5, 5.0], "rating_step": 0.5,
+        "item_table": {"file": "movies.csv", "key": "movieId", "features": ["genres"], "multi_valued": ["genres"],
+                       "none_values": ["(no genres listed)"]}}))
+    cfg = dict(protocol="random", filter={"min_user_interactions": 3})
+    a = prepare("movielens-csv", d, tmp_path / "a", PrepareConfig(**cfg, reader={"tags": False}))
+    b = prepare("custom", d, tmp_path / "b", PrepareConfig(**cfg, custom_schema=str(schema)))
+    for name in ("train", "valid", "test"):
+        assert pl.read_parquet(a / f"{name}.parquet").equals(pl.read_parquet(b / f"{name}.parquet")), name
+    assert pl.read_parquet(a / "items.parquet")["genres"].equals(pl.read_parquet(b / "items.parquet")["genres"])

@@ -221,6 +221,8 @@ def test_custom_reader_parquet_with_rating_and_time_format(tmp_path):
 def test_real_movielens_readers(real_data):
     raw = read_dataset("ml-100k", real_data("ml-100k"))
     assert raw.interactions.height == 100_000 and raw.users.height == 943 and raw.items.height == 1682
+    assert raw.bad_rows["skipped"] == 0  # every real rating passes the value checks
+    assert read_dataset("movielens", real_data("ml-100k")).interactions.equals(raw.interactions)  # detected
     raw = read_dataset("ml-1m", real_data("ml-1m-partial"))
     assert raw.interactions.height == 487_650 and raw.users.height == 6040 and raw.items.height == 3883
     assert raw.interactions["user"].max() == 2999
