@@ -131,7 +131,8 @@ class PreparedDataset:
         if "format_version" not in self.meta:
             return
         splits = self.meta.get("splits")
-        names = ["users.parquet", "items.parquet"] + [f"{k}.parquet" for k in (splits if isinstance(splits, dict) else {})]
+        listed = splits if isinstance(splits, dict) else {}
+        names = ["users.parquet", "items.parquet"] + [f"{k}.parquet" for k in listed]
         for name in names:
             if not (self.root / name).is_file():
                 raise DataError("missing prepared file (the directory is incomplete; prepare it again with --force)",

@@ -99,4 +99,5 @@ def read_book_crossing(data_dir: Path, implicit: Literal["drop", "negative", "po
             notes.append(f"{name}: skipped {n} malformed lines")
     return RawData(interactions=inter, users=users, items=items, sources=[rp, up, bp], has_time=False,
                    line_offset=2, notes=notes, rating_range=(0.0, 10.0), rating_step=1.0,
-                   rating_source="Book-Crossing", field_names={"user": "User-ID", "item": "ISBN", "rating": "Book-Rating"})
+                   rating_source="Book-Crossing",
+                   field_names={"user": "User-ID", "item": "ISBN", "rating": "Book-Rating"})

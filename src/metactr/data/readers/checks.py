@@ -111,7 +111,8 @@ def _masks(raw) -> list[tuple[str, pl.Series, str]]:
             out.append(("rating", (r < lo) | (r > hi), f"rating {{v}} outside {lo:g}-{hi:g}{where}"))
         if raw.rating_step:
             q = r / raw.rating_step
-            out.append(("rating", (q - q.round()).abs() > 1e-6, f"rating {{v}} is not a multiple of {raw.rating_step:g}"))
+            off_step = (q - q.round()).abs() > 1e-6
+            out.append(("rating", off_step, f"rating {{v}} is not a multiple of {raw.rating_step:g}"))
     if "label" in df.columns:
         lab = df["label"]
         out.append(("label", lab.is_null() | ~lab.is_in([0, 1]), "label must be 0 or 1, got {v}"))
@@ -144,7 +145,8 @@ def check_values(raw, policy: str) -> None:
         for f, m, why in masks:
             if m[i]:
                 v = df[f][i]
-                ms = " (milliseconds? divide by 1000)" if f == "timestamp" and v is not None and abs(v) >= 1e11 else ""
+                big = f == "timestamp" and v is not None and abs(v) >= 1e11
+                ms = " (milliseconds or microseconds? Unix seconds have 10 digits)" if big else ""
                 raise DataError(why.format(v=_fmt(v), ms=ms), path=src, line=int(df["row"][i]) + raw.line_offset,
                                 field=names.get(f, f))
     by_field: dict[str, int] = {}

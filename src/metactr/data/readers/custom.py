@@ -195,7 +195,7 @@ def read_custom(data_dir: Path, schema: str) -> RawData:
 
     def checked(col: str, dtype, what: str) -> pl.Series:
         src = df[col]
-        out = src.str.strip_chars().cast(dtype, strict=False) if src.dtype == pl.String else src.cast(dtype, strict=False)
+        out = (src.str.strip_chars() if src.dtype == pl.String else src).cast(dtype, strict=False)
         bad = out.is_null() & src.is_not_null() | src.is_null()
         if bad.any() and not lenient:
             i = int(bad.arg_max())
@@ -204,6 +204,8 @@ def read_custom(data_dir: Path, schema: str) -> RawData:
 
     if c.time is None:
         ts = df["row"]
+    elif df[c.time].dtype in (pl.Date,) or isinstance(df[c.time].dtype, pl.Datetime):  # typed Parquet times
+        ts = df[c.time].cast(pl.Datetime("us")).dt.epoch("s")
     elif s.time_format:
         src = df[c.time].cast(pl.String)
         try:
