@@ -38,7 +38,7 @@ def ml100k(tmp: Path, extra: str = "") -> Path:
     ("1\t16\tnan\t2000\n", "rating", "not a finite number"),
     ("1\t16\t3.5\t2000\n", "rating", "not a multiple of 1"),
     ("\t16\t3\t2000\n", "user", "empty user"),
-    ("1\t16\t3\t1400000000000\n", "timestamp", "milliseconds?"),
+    ("1\t16\t3\t1400000000000\n", "timestamp", "milliseconds or microseconds?"),
     ("1\t16\t3\t-5\n", "timestamp", "between 1970 and 2100"),
 ])
 def test_impossible_values_name_file_line_field(tmp_path, extra, field, needle):
