@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
+import numpy as np
 import polars as pl
 
 from metactr.errors import ConfigError, DataError
@@ -141,7 +142,8 @@ def check_values(raw, policy: str) -> None:
     if n_bad == 0:
         return
     if policy == "error":
-        i = int(any_bad.arg_max())  # rows are in file order: the first bad line
+        bad_idx = any_bad.arg_true()
+        i = int(bad_idx[int(df["row"].gather(bad_idx).arg_min())])  # the first bad line of the file
         for f, m, why in masks:
             if m[i]:
                 v = df[f][i]
@@ -150,7 +152,7 @@ def check_values(raw, policy: str) -> None:
                 raise DataError(why.format(v=_fmt(v), ms=ms), path=src, line=int(df["row"][i]) + raw.line_offset,
                                 field=names.get(f, f))
     by_field: dict[str, int] = {}
-    claimed = pl.Series([False] * df.height)
+    claimed = pl.Series(np.zeros(df.height, dtype=bool))
     for f, m, _ in masks:  # each bad row counted once, under its first failing field
         new = m & ~claimed
         k = int(new.sum())
