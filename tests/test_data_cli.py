@@ -168,3 +168,20 @@ def test_download_print_only_and_unknown(run, tmp_path):
     assert code == 0 and "kaggle.com" in out
     code, _, err = run("data", "download", "netflix")
     assert_one_line_error(code, err, "unknown dataset")
+
+
+def test_prepare_on_bad_rows_error_skip_and_bogus(run, tmp_path):
+    good = "".join(f"1\t{10 + i}\t{1 + i % 5}\t{100 + i}\n" for i in range(4))
+    raw = ml100k_tiny(tmp_path, good + "1\t20\t7.5\t200\n1\t21\tnan\t201\n")
+    base = ("data", "prepare", "--dataset", "ml-100k", "--data-dir", raw, "--out", tmp_path / "o", "--quiet",
+            "--set", "protocol=random", "--set", "filter.min_user_interactions=2")
+    code, _, err = run(*base)
+    assert_one_line_error(code, err, "u.data:5", "field 'rating'", "7.5 outside 1-5")
+    assert not (tmp_path / "o").exists()
+    code, out, _ = run(*base, "--on-bad-rows", "skip")
+    assert code == 0 and out.startswith("prepared")
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["bad_rows"]["skipped"] == 2 and meta["bad_rows"]["by_field"] == {"rating": 2}
+    assert meta["config"]["on_bad_rows"] == "skip" and meta["interactions"]["rows"] == 4
+    code, _, err = run(*base, "--on-bad-rows", "ignore", "--force")
+    assert_one_line_error(code, err, "on_bad_rows")

@@ -125,7 +125,7 @@ def test_avazu_reader_user_rule(tmp_path):
     raw = read_dataset("avazu", p.parent)
     inter = raw.interactions
     assert inter["user"].to_list() == ["ip1|m1", "dev9", "ip1|m1"]
-    assert inter["item"].to_list() == ["15706", "15704", "1"]
+    assert inter["item"].to_list() == [15706, 15704, 1]  # canonical ids: all integers -> Int64
     assert inter["label"].to_list() == [0, 1, 0]
     assert inter["timestamp"][1] - inter["timestamp"][0] == 3600  # 2014-10-21 00:00 -> 01:00 UTC
     assert inter["timestamp"][0] == 1413849600
@@ -169,7 +169,9 @@ def custom_schema(tmp: Path, **over) -> Path:
 
     src = Path(__file__).resolve().parents[1] / "configs" / "data" / "custom_example.yaml"
     schema = yaml.safe_load(src.read_text())
-    schema.update(over)
+    # the log's own columns only (side tables: tests/test_data_movielens_csv.py)
+    schema.update({"user_table": None, "item_table": None, "item_features": ["category", "tags"],
+                   "multi_valued": ["tags"]}, **over)
     p = tmp / "schema.yaml"
     p.write_text(yaml.safe_dump(schema))
     return p
@@ -219,6 +221,8 @@ def test_custom_reader_parquet_with_rating_and_time_format(tmp_path):
 def test_real_movielens_readers(real_data):
     raw = read_dataset("ml-100k", real_data("ml-100k"))
     assert raw.interactions.height == 100_000 and raw.users.height == 943 and raw.items.height == 1682
+    assert raw.bad_rows["skipped"] == 0  # every real rating passes the value checks
+    assert read_dataset("movielens", real_data("ml-100k")).interactions.equals(raw.interactions)  # detected
     raw = read_dataset("ml-1m", real_data("ml-1m-partial"))
     assert raw.interactions.height == 487_650 and raw.users.height == 6040 and raw.items.height == 3883
     assert raw.interactions["user"].max() == 2999

@@ -11,7 +11,8 @@ app = typer.Typer(no_args_is_help=True, help="Download, synthesize, prepare and 
 
 
 @app.command()
-def download(name: str = typer.Argument(..., help="ml-1m, ml-100k or book-crossing (avazu/amazon: prints where)"),
+def download(name: str = typer.Argument(..., help="ml-1m, ml-100k, ml-latest-small, ml-25m, ml-32m or book-crossing "
+                                        "(avazu/amazon: prints where)"),
              dest: Path = typer.Option(Path("data/raw"), "--dest", help="folder that receives <name>/"),
              sha256: str | None = typer.Option(None, "--sha256", help="pin the archive's SHA-256"),
              url: str | None = typer.Option(None, "--url", help="another URL (mirror, file://) for the archive")) -> None:
@@ -36,12 +37,16 @@ def synth(out: Path = typer.Option(..., "--out", help="interaction Parquet file 
 
 
 @app.command()
-def prepare(dataset: str = typer.Option(..., "--dataset", help="ml-1m, ml-100k, book-crossing, avazu, amazon, custom, synthetic"),
+def prepare(dataset: str = typer.Option(..., "--dataset", help="ml-1m, ml-100k, movielens (any release, detected), "
+                                        "movielens-csv, book-crossing, avazu, amazon, custom, synthetic"),
             data_dir: Path = typer.Option(..., "--data-dir", help="raw files (folder, or the Parquet file for synthetic)"),
             out: Path = typer.Option(..., "--out", help="prepared directory to write"),
             config: Path | None = typer.Option(None, "--config", help="YAML PrepareConfig"),
             set_: list[str] = typer.Option([], "--set", help="override a config key: key.path=value"),
             force: bool = typer.Option(False, "--force", help="rebuild even when the cache is up to date"),
+            on_bad_rows: str | None = typer.Option(None, "--on-bad-rows",
+                                                   help="error (default) or skip: drop rows with impossible values "
+                                                        "(counted in meta.json); same as --set on_bad_rows=..."),
             quiet: bool = typer.Option(False, "--quiet", help="do not print the statistics table")) -> None:
     """Read, encode and split a dataset into a prepared directory (cached by config + input)."""
     from metactr.config import load_config
@@ -49,6 +54,8 @@ def prepare(dataset: str = typer.Option(..., "--dataset", help="ml-1m, ml-100k, 
     from metactr.data.pipeline import prepare as run_prepare
     from metactr.data.stats import print_stats
 
+    if on_bad_rows is not None:
+        set_ = [*set_, f"on_bad_rows={on_bad_rows}"]
     cfg = load_config(PrepareConfig, config, set_)
     before = _meta_mtime(out)
     path = run_prepare(dataset, data_dir, out, cfg, force=force)

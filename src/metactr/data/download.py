@@ -40,6 +40,12 @@ SOURCES: dict[str, Source] = {
     "ml-100k": Source("https://files.grouplens.org/datasets/movielens/ml-100k.zip",
                       ("u.data", "u.user", "u.item"),
                       {"md5": "0e33842e24a9c977be4e0107933c0723"}),
+    # the CSV releases (``movielens`` / ``movielens-csv`` readers); their MD5s are not pinned here:
+    # pass --sha256 to pin one (the SHA-256 of what was fetched is recorded in .download.json)
+    "ml-latest-small": Source("https://files.grouplens.org/datasets/movielens/ml-latest-small.zip",
+                              ("ratings.csv", "movies.csv")),
+    "ml-25m": Source("https://files.grouplens.org/datasets/movielens/ml-25m.zip", ("ratings.csv", "movies.csv")),
+    "ml-32m": Source("https://files.grouplens.org/datasets/movielens/ml-32m.zip", ("ratings.csv", "movies.csv")),
     "book-crossing": Source("http://www2.informatik.uni-freiburg.de/~cziegler/BX/BX-CSV-Dump.zip",
                             ("BX-Book-Ratings.csv", "BX-Users.csv", "BX-Books.csv")),
 }

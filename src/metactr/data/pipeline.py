@@ -37,7 +37,8 @@ from metactr.errors import ConfigError, DataError
 from metactr.utils import atomic_path, write_json_atomic
 
 FORMAT_VERSION = 1
-DATASETS = ("ml-1m", "ml-100k", "book-crossing", "avazu", "amazon", "custom", "synthetic")
+DATASETS = ("ml-1m", "ml-100k", "movielens", "movielens-csv", "book-crossing", "avazu", "amazon", "custom",
+            "synthetic")
 
 
 class LabelConfig(StrictModel):
@@ -98,6 +99,9 @@ class PrepareConfig(StrictModel):
     features: FeatureConfig = FeatureConfig()
     reader: dict[str, Any] = {}  # options of the dataset's reader (e.g. book-crossing implicit)
     custom_schema: str | None = None  # dataset 'custom': path of the YAML schema
+    # bad values (empty ids, NaN or out-of-range ratings, absurd timestamps): stop with an error
+    # naming file, line and field, or skip those rows (counted in meta.json "bad_rows")
+    on_bad_rows: Literal["error", "skip"] = "error"
     chunk_rows: int = PField(2_000_000, ge=1000, le=50_000_000)  # users per write chunk, in rows
 
 
@@ -154,7 +158,7 @@ def prepare(dataset: str, data_dir: str | Path, out: str | Path, config: Prepare
     opts = dict(cfg.reader)
     if dataset == "custom":
         opts["schema"] = cfg.custom_schema
-    raw = read_dataset(dataset, data_dir, **opts)
+    raw = read_dataset(dataset, data_dir, on_bad_rows=cfg.on_bad_rows, **opts)
     read_s = time.perf_counter() - t0
     with atomic_path(out, is_dir=True) as tmp:
         meta = build_prepared(raw, tmp, dataset=dataset, cfg=cfg, free_input=True)
@@ -299,6 +303,7 @@ def build_prepared(raw: RawData, out_dir: Path, *, dataset: str, cfg: PrepareCon
         "splits": counts,
         "protocol_facts": facts,
         "notes": raw.notes,
+        "bad_rows": raw.bad_rows or {"policy": cfg.on_bad_rows, "skipped": 0, "by_field": {}},
         "unknown_code": UNKNOWN,
         "step_seconds": steps,
     }

@@ -116,6 +116,7 @@ class PreparedDataset:
                 self.meta = json.loads(meta_path.read_text())
             except json.JSONDecodeError as e:
                 raise DataError(f"invalid JSON: {e.msg}", path=meta_path, line=e.lineno) from None
+        self._check_complete()
         self.use_ids = use_ids
         self._splits: dict[str, Split] = {}
         self._max_hist_len = max_hist_len
@@ -123,6 +124,25 @@ class PreparedDataset:
         items = self._read_table("items.parquet", "item_id")
         context_fields = self.meta.get("context_fields", [])
         self._build_tables(users, items, context_fields)
+
+    def _check_complete(self) -> None:
+        """A directory written by ``prepare`` (its meta.json has a format version) must hold every
+        file it lists; a missing one is named (other layouts, e.g. ml-1m-rml, may lack tables)."""
+        if "format_version" not in self.meta:
+            return
+        splits = self.meta.get("splits")
+        listed = splits if isinstance(splits, dict) else {}
+        names = ["users.parquet", "items.parquet"] + [f"{k}.parquet" for k in listed]
+        for name in names:
+            if not (self.root / name).is_file():
+                raise DataError("missing prepared file (the directory is incomplete; prepare it again with --force)",
+                                path=self.root / name)
+
+    def _scan(self, path: Path, exprs: list) -> tuple:
+        try:
+            return pl.scan_parquet(path).select(exprs).collect().row(0)
+        except Exception as e:  # noqa: BLE001 (a corrupt file: polars/pyarrow raise many types)
+            raise DataError(f"cannot read Parquet: {' '.join(str(e).split())[:160]}", path=path) from None
 
     # ------------------------------------------------------------------ tables
     def _read_table(self, name: str, key: str) -> pl.DataFrame | None:
@@ -132,7 +152,7 @@ class PreparedDataset:
         try:
             df = pl.read_parquet(path)
         except Exception as e:  # pyarrow/polars raise many types for a corrupt file
-            raise DataError(f"cannot read Parquet: {e}", path=path) from None
+            raise DataError(f"cannot read Parquet: {' '.join(str(e).split())[:160]}", path=path) from None
         if key not in df.columns:
             raise DataError(f"missing column '{key}'", path=path, field=key)
         return df
@@ -146,11 +166,10 @@ class PreparedDataset:
             mx = max(mx, int(declared) - 1)
         for p in self.split_paths().values():
             col = "target_item_id" if key == "item_id" else "user_id"
-            lf = pl.scan_parquet(p)
             exprs = [pl.col(col).max()]
             if key == "item_id":
                 exprs.append(pl.col("hist_item_ids").list.max().max().alias("h"))
-            row = lf.select(exprs).collect().row(0)
+            row = self._scan(p, exprs)
             mx = max([mx] + [int(v) for v in row if v is not None])
         return mx
 
@@ -199,7 +218,7 @@ class PreparedDataset:
     def _infer_hist_len(self) -> int:
         L = 1
         for p in self.split_paths().values():
-            v = pl.scan_parquet(p).select(pl.col("hist_item_ids").list.len().max()).collect().item()
+            v = self._scan(p, [pl.col("hist_item_ids").list.len().max()])[0]
             L = max(L, int(v or 1))
         return L
 
@@ -225,7 +244,7 @@ class PreparedDataset:
         try:
             df = pl.read_parquet(path)
         except Exception as e:
-            raise DataError(f"cannot read Parquet: {e}", path=path) from None
+            raise DataError(f"cannot read Parquet: {' '.join(str(e).split())[:160]}", path=path) from None
         for c in SPLIT_COLUMNS:
             if c not in df.columns:
                 raise DataError(f"missing column '{c}'", path=path, field=c)

@@ -8,8 +8,10 @@ came from:
     users         user + raw user side features (scalars, or lists for multi-valued fields)
     items         item + raw item side features
 
-Registry: ``read_dataset(name, data_dir, **opts)``. Reader options are keyword arguments of the
-reader function; an unknown option is a ``ConfigError``.
+Registry: ``read_dataset(name, data_dir, on_bad_rows=..., **opts)``. Reader options are keyword
+arguments of the reader function; an unknown option is a ``ConfigError``. ``read_dataset`` is
+the one boundary between readers and the encoder: it puts ids in a canonical form and checks
+every interaction's values (``checks.py``), whatever the reader.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ class RawData:
     has_time: bool = True  # False: ``timestamp`` is file order (Book-Crossing)
     line_offset: int = 1  # file line of the interaction with row 0 (2 with a header line)
     notes: list[str] = field(default_factory=list)
+    rating_range: tuple[float, float] | None = None  # the dataset's documented rating scale
+    rating_step: float | None = None  # e.g. 1 (whole stars) or 0.5 (half stars)
+    rating_source: str = ""  # whose documented range (named in the error)
+    field_names: dict[str, str] = field(default_factory=dict)  # canonical -> the file's column name
+    bad_rows: dict = field(default_factory=dict)  # filled by checks.check_values
 
     @property
     def label_kind(self) -> str:
@@ -60,11 +67,19 @@ def reader_names() -> list[str]:
 
 def _load_all() -> None:
     # import for the registration side effect; each module is small
-    from metactr.data.readers import amazon, avazu, bookcrossing, custom, movielens, synthetic  # noqa: F401
+    from metactr.data.readers import (amazon, avazu, bookcrossing, custom, movielens, movielens_csv,  # noqa: F401
+                                      synthetic)
 
 
-def read_dataset(name: str, data_dir: str | Path, **opts) -> RawData:
-    """Read dataset ``name`` from ``data_dir`` (a folder, or a file for single-file datasets)."""
+def read_dataset(name: str, data_dir: str | Path, *, on_bad_rows: str = "error", **opts) -> RawData:
+    """Read dataset ``name`` from ``data_dir`` (a folder, or a file for single-file datasets).
+
+    ``on_bad_rows``: "error" (a bad value is a DataError naming file, line and field) or
+    "skip" (bad rows are dropped and counted in ``RawData.bad_rows`` and ``notes``).
+    """
+    from metactr.data.readers import checks
+
+    checks.check_policy(on_bad_rows)
     _load_all()
     if name not in _READERS:
         raise ConfigError(f"unknown dataset '{name}' (known: {', '.join(sorted(_READERS))})", field="dataset")
@@ -77,7 +92,16 @@ def read_dataset(name: str, data_dir: str | Path, **opts) -> RawData:
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise DataError("data directory not found", path=data_dir)
-    raw = fn(data_dir, **opts)
+    token = checks._POLICY.set(on_bad_rows)
+    try:
+        raw = fn(data_dir, **opts)
+    finally:
+        checks._POLICY.reset(token)
     if raw.interactions.height == 0:
-        raise DataError("no interactions read", path=data_dir)
+        raise DataError("no interactions read", path=raw.sources[0] if raw.sources else data_dir)
+    checks.canonicalize(raw)
+    checks.check_values(raw, on_bad_rows)
+    if raw.interactions.height == 0:
+        raise DataError("no valid interactions left after skipping bad rows", path=raw.sources[0] if raw.sources
+                        else data_dir, field="on_bad_rows")
     return raw

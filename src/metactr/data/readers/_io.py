@@ -43,6 +43,7 @@ def read_delimited(path: Path, columns: list[str], *, sep: str, encoding: str = 
                    has_header: bool = False) -> pl.DataFrame:
     """Read an unquoted delimited file into string columns; every line must have len(columns) fields."""
     text = read_text(path, encoding)
+    shown = sep  # the file's separator, for messages (a multi-character one is replaced below)
     if len(sep) > 1:
         if _UNIT_SEP in text:
             raise DataError("unexpected control character \\x1f in file", path=path)
@@ -61,6 +62,12 @@ def read_delimited(path: Path, columns: list[str], *, sep: str, encoding: str = 
     line_of_sep = np.searchsorted(nl, np.flatnonzero(arr == sep_byte))
     counts = np.bincount(line_of_sep, minlength=n_lines)
     blank = np.diff(np.concatenate([[-1], nl])) == 1
+    if blank.any():
+        nonblank = np.flatnonzero(~blank)
+        inner = np.flatnonzero(blank[: int(nonblank[-1])]) if nonblank.size else np.zeros(0, dtype=np.int64)
+        if inner.size:  # trailing blank lines are harmless; inner ones would shift every line number
+            raise DataError("blank line inside the file (truncated or concatenated?)", path=path,
+                            line=int(inner[0]) + 1)
     expected = len(columns) - 1
     bad = np.flatnonzero((counts != expected) & ~blank)
     if bad.size:
@@ -68,8 +75,9 @@ def read_delimited(path: Path, columns: list[str], *, sep: str, encoding: str = 
         start = 0 if i == 0 else int(nl[i - 1]) + 1
         snippet = arr[start:int(nl[i])].tobytes().decode("utf-8", "replace")[:60]
         hint = " (wrong separator?)" if counts[i] == 0 else ""
-        raise DataError(f"expected {len(columns)} fields separated by {sep!r}, found {counts[i] + 1}{hint}: {snippet!r}",
-                        path=path, line=i + 1)
+        snippet = snippet.replace(_UNIT_SEP, shown)
+        raise DataError(f"expected {len(columns)} fields separated by {shown!r}, found {counts[i] + 1}{hint}: "
+                        f"{snippet!r}", path=path, line=i + 1)
     if n_lines - int(blank.sum()) - int(has_header) <= 0:
         return pl.DataFrame({c: pl.Series([], dtype=pl.String) for c in columns})
     df = pl.read_csv(io.BytesIO(arr.tobytes()), has_header=has_header, separator=sep, quote_char=None,
@@ -77,10 +85,13 @@ def read_delimited(path: Path, columns: list[str], *, sep: str, encoding: str = 
     return df
 
 
-def cast_checked(df: pl.DataFrame, casts: dict[str, pl.DataType], path: Path, *, line_offset: int = 1) -> pl.DataFrame:
+def cast_checked(df: pl.DataFrame, casts: dict[str, pl.DataType], path: Path, *, line_offset: int = 1,
+                 lenient: bool = False, hint: str = "") -> pl.DataFrame:
     """Cast string columns; the first value that does not parse is a DataError naming line and field.
 
-    ``line_offset`` = file line of row 0 (2 when there is a header line).
+    ``line_offset`` = file line of row 0 (2 when there is a header line). ``lenient``: leave
+    values that do not parse as null instead (``on_bad_rows: skip``: the boundary checks drop
+    and count them). ``hint`` is added to the message when the first data line fails.
     """
     out = []
     for name, dtype in casts.items():
@@ -90,9 +101,10 @@ def cast_checked(df: pl.DataFrame, casts: dict[str, pl.DataType], path: Path, *,
         src = col.str.strip_chars() if col.dtype == pl.String else col
         casted = src.cast(dtype, strict=False)
         failed = casted.is_null() & src.is_not_null()
-        if failed.any():
+        if failed.any() and not lenient:
             i = int(failed.arg_max())
-            raise DataError(f"cannot parse {src[i]!r} as {dtype}", path=path, line=i + line_offset, field=name)
+            what = f"empty {name}" if src[i] == "" else f"cannot parse {src[i]!r} as {dtype}"
+            raise DataError(what + (hint if i == 0 else ""), path=path, line=i + line_offset, field=name)
         out.append(casted.alias(name))
     return df.with_columns(out)
 
@@ -102,8 +114,11 @@ def numbered(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
 
 
-def locate_bad_csv_line(path: Path, *, sep: str, encoding: str, n_fields: int | None) -> tuple[int | None, str]:
-    """Error path only: the first line whose field count differs (Python's csv, streaming)."""
+def locate_bad_csv_line(path: Path, *, sep: str, encoding: str, n_fields: int | None,
+                        ) -> tuple[int | None, str]:
+    """Error path only: the first line whose field count differs (Python's csv, streaming).
+
+    ``n_fields`` None: the first line (a header) sets the count."""
     import csv
 
     try:
@@ -138,8 +153,9 @@ def read_csv_strings(path: Path, *, sep: str = ",", encoding: str = "utf-8", has
                          columns=columns if has_header else None)
     except pl.exceptions.ColumnNotFoundError as e:
         raise DataError(f"missing column ({' '.join(str(e).split())[:120]})", path=path) from None
-    except (pl.exceptions.ComputeError, pl.exceptions.NoDataError, pl.exceptions.ShapeError) as e:
-        line, why = locate_bad_csv_line(path, sep=sep, encoding=encoding, n_fields=None if has_header else None)
+    except pl.exceptions.PolarsError as e:  # malformed text (field counts, quotes, encoding, no data)
+        n = len(new_columns) if new_columns and not has_header else None
+        line, why = locate_bad_csv_line(path, sep=sep, encoding=encoding, n_fields=n)
         if "invalid utf-8" in str(e).lower():
             why = why or "bad utf-8 text; set the encoding option (e.g. latin-1)"
         raise DataError(why or f"cannot parse CSV: {' '.join(str(e).split())[:160]}", path=path, line=line) from None

@@ -19,6 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from metactr.data.readers import RawData, register_reader
+from metactr.data.readers.checks import skipping
 from metactr.errors import DataError
 
 ANON_DEVICE = "a99f214a"
@@ -58,17 +59,17 @@ def read_avazu(data_dir: Path, item_fields: list[str] | None = None) -> RawData:
     cols = list(dict.fromkeys(need))
     try:
         df = pl.read_csv(path, columns=cols, infer_schema=False)
-    except pl.exceptions.ComputeError as e:
+    except (pl.exceptions.ComputeError, pl.exceptions.NoDataError, pl.exceptions.ShapeError) as e:
         from metactr.data.readers._io import locate_bad_csv_line
 
         line, why = locate_bad_csv_line(path, sep=",", encoding="utf-8", n_fields=None)
         raise DataError(why or f"cannot parse CSV: {' '.join(str(e).split())[:160]}", path=path, line=line) from None
     hour = (df["hour"].str.strip_chars() + "00").str.strptime(pl.Datetime("us"), "%y%m%d%H%M", strict=False)
-    if hour.is_null().any():
+    if hour.is_null().any() and not skipping():
         i = int(hour.is_null().arg_max())
         raise DataError(f"hour must be YYMMDDHH, got {df['hour'][i]!r}", path=path, line=i + 2, field="hour")
-    click = df["click"].cast(pl.Int8, strict=False)
-    if click.is_null().any():
+    click = df["click"].str.strip_chars().cast(pl.Int8, strict=False)
+    if click.is_null().any() and not skipping():
         i = int(click.is_null().arg_max())
         raise DataError(f"click must be 0 or 1, got {df['click'][i]!r}", path=path, line=i + 2, field="click")
     user = pl.when(pl.col("device_id") == ANON_DEVICE).then(
@@ -80,4 +81,6 @@ def read_avazu(data_dir: Path, item_fields: list[str] | None = None) -> RawData:
         pl.col("row").cast(pl.Int64))
     users = base.select("user", *USER_FEATURES).unique(subset=["user"], keep="first", maintain_order=True)
     items = base.select("item", *ITEM_FEATURES).unique(subset=["item"], keep="first", maintain_order=True)
-    return RawData(interactions=inter, users=users, items=items, sources=[path], line_offset=2)
+    return RawData(interactions=inter, users=users, items=items, sources=[path], line_offset=2,
+                   field_names={"user": "device_id", "item": "|".join(item_fields), "timestamp": "hour",
+                                "label": "click"})

@@ -24,6 +24,7 @@ import polars as pl
 
 from metactr.data.readers import RawData, register_reader
 from metactr.data.readers._io import read_text, require_file
+from metactr.data.readers.checks import skipping
 from metactr.errors import ConfigError, DataError
 
 
@@ -64,14 +65,16 @@ def read_book_crossing(data_dir: Path, implicit: Literal["drop", "negative", "po
     if nb:
         notes.append(f"{rp.name}: skipped {nb} malformed lines")
     rating = r["f2"].str.strip_chars().cast(pl.Float32, strict=False)
-    if rating.is_null().any() or ((rating < 0) | (rating > 10)).any():
-        i = int((rating.is_null() | (rating < 0) | (rating > 10)).fill_null(True).arg_max())
+    failed = rating.is_null()
+    if failed.any() and not skipping():
+        i = int(failed.arg_max())
         raise DataError(f"rating must be a number 0-10, got {r['f2'][i]!r}", path=rp, line=int(r["line_no"][i]),
                         field="Book-Rating")
+    # the range (0-10) and NaN are checked at the boundary (checks.py), after ``implicit``
     inter = pl.DataFrame({"user": r["f0"].str.strip_chars(), "item": r["f1"].str.strip_chars().str.to_uppercase(),
                           "rating": rating, "row": (r["line_no"] - 2).cast(pl.Int64)})
-    if implicit == "drop":
-        inter = inter.filter(pl.col("rating") > 0)
+    if implicit == "drop":  # only the implicit zeros: bad values stay for the boundary checks
+        inter = inter.filter((pl.col("rating") != 0).fill_null(True))
     elif implicit == "positive":
         inter = inter.with_columns(pl.when(pl.col("rating") == 0).then(10.0).otherwise(pl.col("rating"))
                                    .cast(pl.Float32).alias("rating"))
@@ -95,4 +98,6 @@ def read_book_crossing(data_dir: Path, implicit: Literal["drop", "negative", "po
         if n:
             notes.append(f"{name}: skipped {n} malformed lines")
     return RawData(interactions=inter, users=users, items=items, sources=[rp, up, bp], has_time=False,
-                   line_offset=2, notes=notes)
+                   line_offset=2, notes=notes, rating_range=(0.0, 10.0), rating_step=1.0,
+                   rating_source="Book-Crossing",
+                   field_names={"user": "User-ID", "item": "ISBN", "rating": "Book-Rating"})

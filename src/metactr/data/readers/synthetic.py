@@ -38,7 +38,12 @@ def _read(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
 @register_reader("synthetic")
 def read_synthetic(data_dir: Path) -> RawData:
     path = _log_file(data_dir)
-    names = pl.read_parquet_schema(path) if path.is_file() else {}
+    if not path.is_file():
+        raise DataError("interaction log not found", path=path)
+    try:
+        names = pl.read_parquet_schema(path)
+    except Exception as e:  # noqa: BLE001 (a corrupt or non-Parquet file: polars raises many types)
+        raise DataError(f"cannot read Parquet: {' '.join(str(e).split())[:200]}", path=path) from None
     label_col = next((c for c in ("click", "label", "rating") if c in names), None)
     for c in ("user_id", "item_id", "timestamp"):
         if c not in names:
