@@ -1,4 +1,4 @@
-"""The RML model (metactr.models.rml) and its two-phase strategy (metactr.strategies.base)."""
+"""The RML model (metactr.models.rml) and its two-phase strategy (metactr.strategies.two_phase)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from torch.func import functional_call, vmap
 
 from metactr.data.batch import Batch, FeatureSpec, Field
 from metactr.engine.functional import live_params
-from metactr.strategies.base import StrategyConfig, split_point, two_phase_step
+from metactr.strategies.base import Context
+from metactr.strategies.config import TwoPhaseConfig
+from metactr.strategies.two_phase import TwoPhase, split_point
 from metactr.models.base import build_model, objective
 
 SPEC = FeatureSpec(user=(Field("user_id", 20), Field("age", 5)),
@@ -99,13 +101,18 @@ def test_rml_is_vmappable_over_tasks():
     torch.testing.assert_close(out.reshape(-1), m(b).logit, atol=1e-5, rtol=0)
 
 
+def two_phase(m, B: int = 6):
+    """The two-phase strategy set up on model ``m`` (a run of one epoch of B-row batches) and its phase."""
+    strat = TwoPhase(TwoPhaseConfig(lr=0.05, local_lr=0.05))
+    phase = strat.setup(Context(m, None, list(range(B)), torch.Generator(), 1.0, B))[0]
+    return strat, phase
+
+
 def test_two_phase_local_step_leaves_emb_and_mlp_bit_identical():
     m = rml().train()
-    cfg = StrategyConfig(name="two_phase", lr=0.05, local_lr=0.05)
+    strat, phase = two_phase(m)
     named = live_params(m)
     meta = set(m.params_in("meta"))
-    local_params = [p for n, p in named.items() if n in meta]
-    local_opt = torch.optim.Adam(local_params, lr=cfg.local_lr)
 
     class NoGlobal(torch.optim.Optimizer):  # records the state between the two phases
         def __init__(self, params):
@@ -116,8 +123,8 @@ def test_two_phase_local_step_leaves_emb_and_mlp_bit_identical():
             self.snap = {n: p.detach().clone() for n, p in named.items()}
 
     before = {n: p.detach().clone() for n, p in named.items()}
-    glob = NoGlobal(list(named.values()))
-    two_phase_step(m, make_batch(6), local_opt, local_params, glob, list(named.values()), cfg)
+    strat.global_opt = glob = NoGlobal(list(named.values()))
+    phase.step(make_batch(6))
     after_local = glob.snap
     for n in before:
         if n in meta:
@@ -128,12 +135,10 @@ def test_two_phase_local_step_leaves_emb_and_mlp_bit_identical():
 
 def test_two_phase_global_step_updates_everything():
     m = rml().train()
-    cfg = StrategyConfig(name="two_phase", lr=0.05, local_lr=0.05)
+    _, phase = two_phase(m)
     named = live_params(m)
-    meta = [p for n, p in named.items() if n in set(m.params_in("meta"))]
     before = {n: p.detach().clone() for n, p in named.items()}
-    two_phase_step(m, make_batch(6), torch.optim.Adam(meta, 0.05), meta,
-                   torch.optim.Adam(list(named.values()), 0.05), list(named.values()), cfg)
+    phase.step(make_batch(6))
     assert not torch.equal(before["embedding.weight"], named["embedding.weight"])
     assert not torch.equal(before["mlp.net.0.weight"], named["mlp.net.0.weight"])
 
