@@ -378,13 +378,26 @@ def test_run_seed_produces_every_method_with_bounds(toy_dir):
 
 
 # --------------------------------------------------------------------------- diagnostics and settings
-def test_forward_with_weights_gives_the_logit_and_log_lambda():
+def test_forward_gives_the_logit_and_log_lambda_in_one_output():
     model = tiny_selector(3).eval()
     b = toy_batch()
-    both = model(b, with_weights=True)
-    assert both.shape == (7, 4)
-    torch.testing.assert_close(both[:, 0], model(b).logit)
-    torch.testing.assert_close(both[:, 1:].exp(), model.weights(b))
+    out = model(b)
+    assert out.logit.shape == (7,) and out.log_weights.shape == (7, 3)
+    torch.testing.assert_close(out.log_weights.exp(), model.weights(b))
+    torch.testing.assert_close(out.log_weights.exp().sum(-1), torch.ones(7))
+
+
+def test_metaselector_is_registered_and_rebuilds_from_a_checkpoint(tmp_path):
+    from metactr.train.checkpoint import load_model, model_meta, save_checkpoint
+
+    hp = {"base_models": [{"name": "lr"}, {"name": "fm", "embed_dim": 4}], "embed_dim": 4, "hidden": [8]}
+    torch.manual_seed(0)
+    model = build_model("metaselector", SPEC, **hp).eval()
+    save_checkpoint(tmp_path / "ms", model, model_meta(model, hp, {}))
+    again, _ = load_model(tmp_path / "ms")
+    b = toy_batch()
+    torch.testing.assert_close(again.eval()(b).logit, model(b).logit)
+    assert again.base_names == ["lr", "fm"]
 
 
 def test_lambda_stats_tell_a_uniform_mix_from_a_collapsed_or_per_user_one():

@@ -29,6 +29,7 @@ from metactr.errors import ConfigError
 class ModelOutput(NamedTuple):
     logit: Tensor  # [B] pre-sigmoid score
     aux: Tensor  # [B] per-sample auxiliary loss (zeros when the model has none)
+    log_weights: Tensor | None = None  # [B, K] a mixture's log weights (MetaSelector), else None
 
 
 class CTRModel(nn.Module):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from metactr.data.batch import Batch, FeatureSpec
 from metactr.errors import ConfigError
-from metactr.models.base import CTRModel, ModelOutput
+from metactr.models.base import CTRModel, ModelOutput, build_model, register
 from metactr.models.interactions import history_fields
 from metactr.models.layers import MLP, FieldEmbedding
 
@@ -67,6 +67,7 @@ class SelectorNet(nn.Module):
         return torch.log_softmax(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
 
 
+@register("metaselector")
 class MetaSelector(CTRModel):
     """K base models + a selector; prediction = sum_k lambda_k(x) * p_k(x) (WWW'20 sec. 4.1)."""
 
@@ -83,6 +84,11 @@ class MetaSelector(CTRModel):
         super().__init__(spec, **loss_kw)
         if len(base_models) == 0:
             raise ConfigError("MetaSelector needs at least one base model", field="selector.base_models")
+        # base models given as modules, or as {"name": registered model, **its hyper-parameters}
+        # (so that a checkpoint rebuilds a MetaSelector from its JSON like any other model)
+        base_models = [m if isinstance(m, nn.Module) else
+                       build_model(m["name"], spec, **{k: v for k, v in m.items() if k != "name"})
+                       for m in base_models]
         self.base = nn.ModuleList(base_models)
         self.base_names = list(base_names) if base_names is not None else [
             getattr(m, "name", "") or type(m).__name__.lower() for m in base_models]
@@ -108,13 +114,11 @@ class MetaSelector(CTRModel):
         log_q = torch.logsumexp(log_lam + F.logsigmoid(-z), dim=-1)
         return log_p - log_q, log_lam, z
 
-    def forward(self, batch: Batch, *, with_weights: bool = False) -> ModelOutput | Tensor:
-        """The mixture's logit; ``with_weights=True`` gives ``[B, 1 + K]`` = (logit, log lambda),
-        so that one ``functional_call`` at adapted parameters yields both (meta-test logging)."""
+    def forward(self, batch: Batch) -> ModelOutput:
+        """The mixture's logit and the selector's log weights ``[B, K]`` (one ``functional_call`` at
+        adapted parameters yields both: meta-test logging)."""
         logit, log_lam, _ = self.mixture(batch)
-        if with_weights:
-            return torch.cat([logit.unsqueeze(-1), log_lam], dim=-1)
-        return ModelOutput(logit, self.no_aux(batch))
+        return ModelOutput(logit, self.no_aux(batch), log_lam)
 
     def weights(self, batch: Batch) -> Tensor:
         """lambda [B, K]: the selector's distribution over base models (rows sum to 1)."""

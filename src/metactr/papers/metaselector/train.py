@@ -595,7 +595,8 @@ def rate_stats(rates: Mapping[str, Tensor], n_models: int) -> dict[str, float]:
 
 
 def _score_with_weights(model: CTRModel, params: Mapping[str, Tensor], batch: Batch) -> Tensor:
-    return functional_call(model, dict(params), (batch,), {"with_weights": True})
+    out = functional_call(model, dict(params), (batch,))
+    return torch.cat([out.logit.unsqueeze(-1), out.log_weights], dim=-1)
 
 
 def _pretrained(cfg: SelectorExperiment, ds: PreparedDataset, split: Split, g: torch.Generator, *,
