@@ -17,7 +17,6 @@ Default data: bench_ctr.py's 1M-row sample (run it once). Model hyper-parameters
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

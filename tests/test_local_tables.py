@@ -62,6 +62,8 @@ def tasks():
 
 def tiny(name: str, **extra):
     torch.manual_seed(0)
+    if name == "metaselector":  # a mixture of two registered base models
+        extra = {"base_models": [{"name": "lr"}, {"name": "fm", "embed_dim": 3}], **extra}
     for kw in ({"embed_dim": 3, "hidden": (5,)}, {"embed_dim": 3}, {}):
         try:
             model = build_model(name, SPEC, **kw, **extra)

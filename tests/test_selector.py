@@ -434,12 +434,12 @@ def test_meta_test_returns_every_column_of_a_wide_score(toy_dir):
 
 
 def test_ftrl_settings_reach_the_optimizer_and_beta_per_batch_learns_lr(toy_dir):
-    from metactr.papers.metaselector.train import _optimizer, base_epochs, pretrain
+    from metactr.papers.metaselector.meta import base_epochs, base_optimizer, pretrain
     from metactr.engine.optim import FTRL
 
     data = SelectorData.load(toy_dir, disjoint=False)
     b = BaseModelConfig(name="lr", optimizer="ftrl", lr=0.1, beta=1e-3, l1=0.01, l2=0.5, epochs=4)
-    opt = _optimizer(build_model("lr", data.ds.spec), b)
+    opt = base_optimizer(build_model("lr", data.ds.spec), b)
     assert isinstance(opt, FTRL)
     assert {k: opt.defaults[k] for k in ("lr", "beta", "l1", "l2")} == {"lr": 0.1, "beta": 1e-3, "l1": 0.01, "l2": 0.5}
     assert base_epochs(SelectorExperiment(), b) == 4

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from metactr.cli import main
-from metactr.papers.metaselector.commands import aggregate, render_markdown
+from metactr.papers.metaselector.reproduce import aggregate, render_markdown
 from metactr.data.toy import write_toy_selector_dataset as write_toy_dataset
 from metactr.papers.metaselector.train import SeedResult
 

@@ -33,7 +33,7 @@ def _register_all() -> None:
     from metactr.data import commands as data_commands
     from metactr.demo import register as register_demo
     from metactr.papers.metaselector import commands as selector_commands
-    from metactr.papers.rml import reproduce as rml_commands
+    from metactr.papers.rml import commands as rml_commands
     from metactr.serve import commands as serve_commands
     from metactr.train import commands as train_commands
 
@@ -65,9 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     except TyperException as e:  # usage errors (typer vendors click; this is its base class)
         e.show()
         return e.exit_code
-    except KeyboardInterrupt:
-        print("aborted", file=sys.stderr)
-        return 130
     except Exception as e:  # an internal bug: still one line for users, the traceback on request
         if debug:
             raise

@@ -69,12 +69,14 @@ def _ftrl_weight(z: Tensor, n: Tensor, alpha: float, beta: float, l1: float, l2:
     return torch.where(z.abs() <= l1, torch.zeros_like(w), w)
 
 
-def build_optimizer(params: Iterable, cfg) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg`` (a ``train.config.OptimConfig``) over ``params``."""
+def build_optimizer(params: Iterable, cfg, *, fused: bool | None = None) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg`` (a ``train.config.OptimConfig`` or anything with its fields)
+    over ``params``. ``fused=None``: torch's fused kernels where they apply (they update every
+    tensor in one pass; docs/training.md has the timing); ``False`` keeps the per-tensor loop,
+    whose rounding MetaSelector's published runs were made with."""
     params = list(params)
-    # torch's fused kernels update every tensor in one pass (about 1.5x faster Adam steps on CPU
-    # than the per-tensor loop); they need floating-point tensors on CPU/CUDA.
-    fused = bool(params) and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    can_fuse = bool(params) and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    fused = can_fuse if fused is None else (fused and can_fuse)
     kw = {"fused": True} if fused else {}
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps, **kw)

@@ -17,7 +17,6 @@ import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call

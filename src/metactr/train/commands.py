@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from metactr.errors import ConfigError, DataError
 
 
 def models_command() -> None:
@@ -58,38 +57,13 @@ def evaluate_command(
     )] = None,
 ) -> None:
     """Evaluate a checkpoint on a split: AUC, GAUC, LogLoss as JSON."""
-    from metactr.data.prepared import PreparedDataset
-    from metactr.train.checkpoint import load_model
-    from metactr.engine.precision import PRECISIONS
-    from metactr.train.trainer import evaluate
+    from metactr.train.run import evaluate_checkpoint
     from metactr.utils import write_json_atomic
 
-    model, meta = load_model(checkpoint)
-    precision = precision or meta.get("precision", "fp32")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'",
-                          field="precision")
-    opts = meta.get("data", {})
-    dataset = PreparedDataset(data, use_ids=opts.get("use_ids", True), max_hist_len=model.spec.max_hist_len)
-    check_spec(model.spec.to_dict(), dataset.spec.to_dict(), data)
-    metrics = {"checkpoint": str(checkpoint), "model": meta["model"], "data": str(data), "split": split,
-               "precision": precision, **evaluate(model, dataset, split, batch_size=batch_size, precision=precision)}
+    metrics = evaluate_checkpoint(checkpoint, data, split, batch_size=batch_size, precision=precision)
     if out is not None:
         write_json_atomic(out, metrics)
     typer.echo(json.dumps(metrics, indent=2))
-
-
-def check_spec(model_spec: dict, data_spec: dict, data_path: Path) -> None:
-    """The data must have the model's fields, and no id beyond the model's vocabularies."""
-    for group in ("user", "item", "context"):
-        m, d = model_spec[group], data_spec[group]
-        if [(f["name"], f["max_len"]) for f in m] != [(f["name"], f["max_len"]) for f in d]:
-            raise DataError(f"{group} fields {[f['name'] for f in d]} differ from the model's "
-                            f"{[f['name'] for f in m]}", path=data_path, field=group)
-        for fm, fd in zip(m, d, strict=True):
-            if fd["vocab_size"] > fm["vocab_size"]:
-                raise DataError(f"ids up to {fd['vocab_size'] - 1} exceed the model's vocabulary "
-                                f"({fm['vocab_size']})", path=data_path, field=f"{group}.{fm['name']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -21,7 +21,8 @@ from metactr.config import validate
 from metactr.data.prepared import PreparedDataset
 from metactr.engine.device import resolve_device
 from metactr.engine.distributed import DistInfo, barrier, init_from_env, shutdown
-from metactr.errors import DataError
+from metactr.engine.precision import PRECISIONS
+from metactr.errors import ConfigError, DataError
 from metactr.eval.report import markdown_table, write_run
 from metactr.models.base import CTRModel, build_model
 from metactr.strategies import build_strategy
@@ -139,3 +140,32 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, log: Logger | None =
         return fit(model, dataset, cfg, run_dir=run_dir, resume=resume, dist=dist, device=device, log=log)
     finally:
         shutdown(dist)
+
+
+# --------------------------------------------------------------------------- the `evaluate` command
+def check_spec(model_spec: dict, data_spec: dict, data_path: Path) -> None:
+    """The data must have the model's fields, and no id beyond the model's vocabularies."""
+    for group in ("user", "item", "context"):
+        m, d = model_spec[group], data_spec[group]
+        if [(f["name"], f["max_len"]) for f in m] != [(f["name"], f["max_len"]) for f in d]:
+            raise DataError(f"{group} fields {[f['name'] for f in d]} differ from the model's "
+                            f"{[f['name'] for f in m]}", path=data_path, field=group)
+        for fm, fd in zip(m, d, strict=True):
+            if fd["vocab_size"] > fm["vocab_size"]:
+                raise DataError(f"ids up to {fd['vocab_size'] - 1} exceed the model's vocabulary "
+                                f"({fm['vocab_size']})", path=data_path, field=f"{group}.{fm['name']}")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str, *, batch_size: int = 8192,
+                        precision: str | None = None) -> dict[str, Any]:
+    """AUC, GAUC, LogLoss of a checkpoint on a prepared split (in the checkpoint's precision unless told)."""
+    model, meta = ckpt.load_model(checkpoint)
+    precision = precision or meta.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'",
+                          field="precision")
+    opts = meta.get("data", {})
+    dataset = PreparedDataset(data, use_ids=opts.get("use_ids", True), max_hist_len=model.spec.max_hist_len)
+    check_spec(model.spec.to_dict(), dataset.spec.to_dict(), Path(data))
+    return {"checkpoint": str(checkpoint), "model": meta["model"], "data": str(data), "split": split,
+            "precision": precision, **evaluate(model, dataset, split, batch_size=batch_size, precision=precision)}
