@@ -1,0 +1,217 @@
+"""Bounded loopback load test of `metactr serve`: latency and errors of /predict and /adapt.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/serve_load.py /tmp/serve_din/best \
+        --data runs/prepared/ml-100k-random --label after --out benchmarks/results/serve_after.json
+    # the same against another checkout (e.g. the old main), same data and checkpoint:
+    ... benchmarks/serve_load.py ... --tree /work/baseline --label before --out .../serve_before.json
+
+Starts `python -m metactr.cli serve` from ``--tree``'s ``src`` on 127.0.0.1 and a free port as a
+subprocess, waits for /health, then runs fixed request counts, each phase also capped in time, with
+httpx clients on loopback only, and stops the server. Phases:
+
+    health_serial      one client, GET /health: the HTTP round trip alone
+    predict_serial     one client, /predict with --candidates items and a 10-item session
+    predict_concurrent --clients clients at once, the same requests
+    adapt_serial       one client, /adapt with --interactions labelled interactions
+    race               half the clients adapt fresh users while the others score one never-adapted
+                       probe user; every probe answer is compared with its score before the phase
+
+Prints p50 / p99 / max (ms) and error counts (non-200 answers, failed connections) per phase and
+writes them with a ``machine`` block (CPU model, torch CPU capability, nproc, load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import polars as pl
+
+
+def machine() -> dict:
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "nproc": os.cpu_count(), "loadavg": list(os.getloadavg()), "python": platform.python_version(),
+            "torch": torch.__version__, "httpx": httpx.__version__}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stats(latencies: list[float], errors: int, wall: float) -> dict:
+    xs = sorted(latencies)
+    q = (lambda p: round(xs[min(len(xs) - 1, int(p * len(xs)))] * 1e3, 3)) if xs else (lambda p: None)
+    return {"n": len(xs), "errors": errors, "p50_ms": q(0.5), "p99_ms": q(0.99),
+            "max_ms": round(xs[-1] * 1e3, 3) if xs else None, "wall_s": round(wall, 3),
+            "rps": round(len(xs) / wall, 1) if wall > 0 else None}
+
+
+class Workload:
+    def __init__(self, prepared: Path, candidates: int, interactions: int, seed: int) -> None:
+        self.users = pl.read_parquet(prepared / "vocab" / "user_id.parquet")["raw"].to_list()
+        self.items = pl.read_parquet(prepared / "vocab" / "item_id.parquet")["raw"].to_list()
+        self.rng = random.Random(seed)
+        self.candidates, self.interactions = candidates, interactions
+
+    def _inter(self, n: int) -> list[dict]:
+        return [{"item": self.rng.choice(self.items), "label": self.rng.randint(0, 1)} for _ in range(n)]
+
+    def predict(self, user=None) -> dict:
+        return {"user": self.rng.choice(self.users) if user is None else user,
+                "items": self.rng.sample(self.items, self.candidates), "history": self._inter(10)}
+
+    def adapt(self, user=None) -> dict:
+        return {"user": self.rng.choice(self.users) if user is None else user,
+                "interactions": self._inter(self.interactions), "history": self._inter(10)}
+
+
+async def _loop(client: httpx.AsyncClient, path: str, bodies: list[dict | None], deadline: float, out: list,
+                check=None):
+    errors = 0
+    for body in bodies:
+        if time.perf_counter() > deadline:
+            break
+        t = time.perf_counter()
+        try:
+            r = await (client.get(path) if body is None else client.post(path, json=body))
+            ok = r.status_code == 200
+        except httpx.HTTPError:
+            ok, r = False, None
+        dt = time.perf_counter() - t
+        if ok:
+            out.append(dt)
+            if check is not None:
+                check(body, r.json())
+        else:
+            errors += 1
+    return errors
+
+
+async def phase(base: str, jobs: list[tuple[str, list[dict]]], cap_s: float, check=None) -> dict:
+    """Run one client per job at once; each sends its bodies in order until done or ``cap_s``."""
+    limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30.0) as client:
+        lat: list[float] = []
+        t = time.perf_counter()
+        errs = await asyncio.gather(*(_loop(client, p, b, t + cap_s, lat, check) for p, b in jobs))
+        return stats(lat, sum(errs), time.perf_counter() - t)
+
+
+def run(args) -> dict:
+    tree = Path(args.tree).resolve()
+    work = Workload(Path(args.data), args.candidates, args.interactions, args.seed)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    cmd = [args.python, "-m", "metactr.cli", "serve", str(args.checkpoint), "--data", str(args.data),
+           "--host", "127.0.0.1", "--port", str(port), *args.serve_args.split()]
+    log = tempfile.NamedTemporaryFile("w+", prefix="serve_load_", suffix=".log", delete=False)
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    result: dict = {"label": args.label, "tree": str(tree), "command": cmd, "machine": machine(),
+                    "candidates": args.candidates, "interactions": args.interactions, "clients": args.clients}
+    try:
+        deadline = time.monotonic() + args.start_timeout
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise SystemExit(f"server did not start (exit {server.poll()}); log {log.name}:\n{log.read()[-2000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        n, c, cap = args.requests, args.clients, args.cap_s
+        asyncio.run(phase(base, [("/predict", [work.predict() for _ in range(50)])], cap))  # warm-up
+        phases = {  # /health: the HTTP round trip alone (client and server), a floor for the others
+            "health_serial": lambda: phase(base, [("/health", [None] * n)], cap),
+            "predict_serial": lambda: phase(base, [("/predict", [work.predict() for _ in range(n)])], cap),
+            "predict_concurrent": lambda: phase(
+                base, [("/predict", [work.predict() for _ in range(n // c)]) for _ in range(c)], cap),
+            "adapt_serial": lambda: phase(base, [("/adapt", [work.adapt() for _ in range(n // 2)])], cap),
+        }
+        for name, make in phases.items():
+            result[name] = asyncio.run(make())
+            print(f"{name:20s} " + " ".join(f"{k}={v}" for k, v in result[name].items()), flush=True)
+        result["race"] = race(base, work, args)
+        print("race                 " + " ".join(f"{k}={v}" for k, v in result["race"].items()), flush=True)
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+        os.unlink(log.name)
+    result["machine"]["loadavg_after"] = list(os.getloadavg())
+    return result
+
+
+def race(base: str, work: Workload, args) -> dict:
+    """Scores of a never-adapted probe user while other users are adapted at the same time."""
+    probe_user = "serve-load-probe-never-adapted"
+    probe = work.predict(probe_user)
+    answer = httpx.post(base + "/predict", json=probe, timeout=30.0)
+    if answer.status_code != 200:
+        raise SystemExit(f"race: reference /predict answered {answer.status_code}: {answer.text[:300]}")
+    reference = answer.json()["scores"]
+    changed, worst = [0], [0.0]
+
+    def check(body, answer):
+        if body["user"] == probe_user:
+            d = max(abs(a - b) for a, b in zip(answer["scores"], reference, strict=True))
+            changed[0] += d > 0
+            worst[0] = max(worst[0], d)
+
+    half, per = max(1, args.clients // 2), args.requests // args.clients
+    jobs = [("/adapt", [work.adapt(f"serve-load-adapted-{k}-{i}") for i in range(per)]) for k in range(half)]
+    jobs += [("/predict", [probe] * per) for _ in range(half)]
+    out = asyncio.run(phase(base, jobs, args.cap_s, check))
+    return {**out, "probe_changed": changed[0], "probe_max_abs_diff": worst[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    ap.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]),
+                    help="checkout whose src/ the server runs (default: this one)")
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--serve-args", default="", help="extra `metactr serve` options, one string")
+    ap.add_argument("--label", default="run")
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--interactions", type=int, default=20)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=400, help="requests per phase (adapt: half)")
+    ap.add_argument("--cap-s", type=float, default=60.0, help="time cap of each phase")
+    ap.add_argument("--start-timeout", type=float, default=90.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="write the results here (JSON)")
+    args = ap.parse_args()
+    result = run(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
