@@ -82,36 +82,129 @@ class Workload:
                 "interactions": self._inter(self.interactions), "history": self._inter(10)}
 
 
-async def _loop(client: httpx.AsyncClient, path: str, bodies: list[dict | None], deadline: float, out: list,
-                check=None):
+class HttpxClient:
+    """httpx.AsyncClient (what a Python user would write; costs ~1.5 ms of CPU per request)."""
+
+    def __init__(self, base: str, connections: int) -> None:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.client = httpx.AsyncClient(base_url=base, limits=limits, timeout=30.0)
+
+    async def send(self, path: str, body: bytes | None) -> tuple[int, bytes]:
+        if body is None:
+            r = await self.client.get(path)
+        else:
+            r = await self.client.post(path, content=body, headers={"content-type": "application/json"})
+        return r.status_code, r.content
+
+    def connection(self):
+        return self
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class RawClient:
+    """Keep-alive HTTP/1.1 over asyncio streams, one connection per concurrent client: a client
+    that costs little CPU, so that on a 2-core machine the figures are mostly the server's."""
+
+    def __init__(self, base: str, connections: int) -> None:
+        self.host, self.port = base.removeprefix("http://").split(":")
+        self.conns: list[_RawConnection] = []
+
+    def connection(self) -> _RawConnection:
+        conn = _RawConnection(self.host, int(self.port))
+        self.conns.append(conn)
+        return conn
+
+    async def aclose(self) -> None:
+        for c in self.conns:
+            c.close()
+
+
+class _RawConnection:
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port, self.streams = host, port, None
+
+    async def send(self, path: str, body: bytes | None) -> tuple[int, bytes]:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        method = "GET" if body is None else "POST"
+        body = body or b""
+        writer.write(f"{method} {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
+                     f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        try:
+            status = int((await reader.readline()).split()[1])
+            length, close = 0, False
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    close = True
+            data = await reader.readexactly(length)
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as e:
+            self.close()
+            raise ConnectionError(str(e)) from None
+        if close:
+            self.close()
+        return status, data
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+CLIENTS = {"httpx": HttpxClient, "raw": RawClient}
+
+
+async def _loop(conn, path: str, bodies: list[bytes | None], deadline: float, out: list, check=None) -> int:
     errors = 0
     for body in bodies:
         if time.perf_counter() > deadline:
             break
         t = time.perf_counter()
         try:
-            r = await (client.get(path) if body is None else client.post(path, json=body))
-            ok = r.status_code == 200
-        except httpx.HTTPError:
-            ok, r = False, None
+            status, data = await conn.send(path, body)
+        except (httpx.HTTPError, ConnectionError):
+            status, data = 0, b""
         dt = time.perf_counter() - t
-        if ok:
+        if status == 200:
             out.append(dt)
             if check is not None:
-                check(body, r.json())
+                check(body, json.loads(data))
         else:
             errors += 1
     return errors
 
 
-async def phase(base: str, jobs: list[tuple[str, list[dict]]], cap_s: float, check=None) -> dict:
-    """Run one client per job at once; each sends its bodies in order until done or ``cap_s``."""
-    limits = httpx.Limits(max_connections=len(jobs), max_keepalive_connections=len(jobs))
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30.0) as client:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and its threads so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def phase(base: str, kind: str, jobs: list[tuple[str, list[dict | None]]], cap_s: float, pid: int,
+                check=None) -> dict:
+    """One client connection per job, all at once; each sends its bodies in order until done or
+    ``cap_s``. Besides latencies: the server's CPU time per request (a loaded, shared machine
+    inflates it far less than the wall-clock latencies) and the client's own."""
+    jobs = [(p, [None if b is None else json.dumps(b).encode() for b in bodies]) for p, bodies in jobs]
+    client = CLIENTS[kind](base, len(jobs))
+    try:
         lat: list[float] = []
+        cpu0, client0 = cpu_seconds(pid), time.process_time()
         t = time.perf_counter()
-        errs = await asyncio.gather(*(_loop(client, p, b, t + cap_s, lat, check) for p, b in jobs))
-        return stats(lat, sum(errs), time.perf_counter() - t)
+        errs = await asyncio.gather(*(_loop(client.connection(), p, b, t + cap_s, lat, check) for p, b in jobs))
+        out = stats(lat, sum(errs), time.perf_counter() - t)
+        n = max(1, out["n"] + out["errors"])
+        out["server_cpu_ms_per_req"] = round((cpu_seconds(pid) - cpu0) * 1e3 / n, 3)
+        out["client_cpu_ms_per_req"] = round((time.process_time() - client0) * 1e3 / n, 3)
+        return out
+    finally:
+        await client.aclose()
 
 
 def run(args) -> dict:
@@ -119,13 +212,14 @@ def run(args) -> dict:
     work = Workload(Path(args.data), args.candidates, args.interactions, args.seed)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree / "src"), *args.extra_path])}
     cmd = [args.python, "-m", "metactr.cli", "serve", str(args.checkpoint), "--data", str(args.data),
            "--host", "127.0.0.1", "--port", str(port), *args.serve_args.split()]
     log = tempfile.NamedTemporaryFile("w+", prefix="serve_load_", suffix=".log", delete=False)
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     result: dict = {"label": args.label, "tree": str(tree), "command": cmd, "machine": machine(),
-                    "candidates": args.candidates, "interactions": args.interactions, "clients": args.clients}
+                    "candidates": args.candidates, "interactions": args.interactions, "clients": args.clients,
+                    "client": args.client}
     try:
         deadline = time.monotonic() + args.start_timeout
         while True:
@@ -137,19 +231,19 @@ def run(args) -> dict:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        n, c, cap = args.requests, args.clients, args.cap_s
-        asyncio.run(phase(base, [("/predict", [work.predict() for _ in range(50)])], cap))  # warm-up
+        n, c, cap, pid = args.requests, args.clients, args.cap_s, server.pid
+        go = lambda jobs: asyncio.run(phase(base, args.client, jobs, cap, pid))  # noqa: E731
+        go([("/predict", [work.predict() for _ in range(50)]), ("/adapt", [work.adapt() for _ in range(10)])])
         phases = {  # /health: the HTTP round trip alone (client and server), a floor for the others
-            "health_serial": lambda: phase(base, [("/health", [None] * n)], cap),
-            "predict_serial": lambda: phase(base, [("/predict", [work.predict() for _ in range(n)])], cap),
-            "predict_concurrent": lambda: phase(
-                base, [("/predict", [work.predict() for _ in range(n // c)]) for _ in range(c)], cap),
-            "adapt_serial": lambda: phase(base, [("/adapt", [work.adapt() for _ in range(n // 2)])], cap),
+            "health_serial": lambda: [("/health", [None] * n)],
+            "predict_serial": lambda: [("/predict", [work.predict() for _ in range(n)])],
+            "predict_concurrent": lambda: [("/predict", [work.predict() for _ in range(n // c)]) for _ in range(c)],
+            "adapt_serial": lambda: [("/adapt", [work.adapt() for _ in range(n // 2)])],
         }
-        for name, make in phases.items():
-            result[name] = asyncio.run(make())
+        for name, jobs in phases.items():
+            result[name] = go(jobs())
             print(f"{name:20s} " + " ".join(f"{k}={v}" for k, v in result[name].items()), flush=True)
-        result["race"] = race(base, work, args)
+        result["race"] = race(base, work, args, server.pid)
         print("race                 " + " ".join(f"{k}={v}" for k, v in result["race"].items()), flush=True)
     finally:
         server.terminate()
@@ -163,7 +257,7 @@ def run(args) -> dict:
     return result
 
 
-def race(base: str, work: Workload, args) -> dict:
+def race(base: str, work: Workload, args, server_pid: int) -> dict:
     """Scores of a never-adapted probe user while other users are adapted at the same time."""
     probe_user = "serve-load-probe-never-adapted"
     probe = work.predict(probe_user)
@@ -173,8 +267,10 @@ def race(base: str, work: Workload, args) -> dict:
     reference = answer.json()["scores"]
     changed, worst = [0], [0.0]
 
+    probe_body = json.dumps(probe).encode()
+
     def check(body, answer):
-        if body["user"] == probe_user:
+        if body == probe_body:
             d = max(abs(a - b) for a, b in zip(answer["scores"], reference, strict=True))
             changed[0] += d > 0
             worst[0] = max(worst[0], d)
@@ -182,7 +278,7 @@ def race(base: str, work: Workload, args) -> dict:
     half, per = max(1, args.clients // 2), args.requests // args.clients
     jobs = [("/adapt", [work.adapt(f"serve-load-adapted-{k}-{i}") for i in range(per)]) for k in range(half)]
     jobs += [("/predict", [probe] * per) for _ in range(half)]
-    out = asyncio.run(phase(base, jobs, args.cap_s, check))
+    out = asyncio.run(phase(base, args.client, jobs, args.cap_s, server_pid, check))
     return {**out, "probe_changed": changed[0], "probe_max_abs_diff": worst[0]}
 
 
@@ -193,8 +289,11 @@ def main() -> None:
     ap.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]),
                     help="checkout whose src/ the server runs (default: this one)")
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--extra-path", action="append", default=[], help="more PYTHONPATH entries for the server")
     ap.add_argument("--serve-args", default="", help="extra `metactr serve` options, one string")
     ap.add_argument("--label", default="run")
+    ap.add_argument("--client", choices=sorted(CLIENTS), default="httpx",
+                    help="httpx.AsyncClient, or a minimal keep-alive client that costs the machine little CPU")
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--interactions", type=int, default=20)
     ap.add_argument("--clients", type=int, default=8)

@@ -11,6 +11,13 @@ scored, not rejected. Anything else (NaN, inf, floats, booleans, null, objects) 
 names the field and never echoes the input. A body over ``Limits.max_body_bytes`` is a 413 before
 anything is parsed; with a token, every route but ``/health`` answers 401 without
 ``Authorization: Bearer <token>``.
+
+Concurrency: the endpoints are ``async`` and call the service on the event loop's thread, which
+is thus the one worker that scores, fed by uvicorn's connections in arrival order. Measured on 2
+cores (docs/serving.md): a thread pool added GIL contention and thread hops (more CPU per request,
+worse tails) and two scoring threads gave less throughput than one. The service is thread-safe on
+its own as well (``CTRService``: model replicas, immutable per-user mappings), so this is a choice
+of speed, not what keeps users apart.
 """
 
 # no `from __future__ import annotations`: FastAPI must see the request models built in create_app
@@ -21,8 +28,7 @@ from typing import Annotated
 from fastapi import FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
-from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag
 
 from metactr.errors import ConfigError, MetactrError
 from metactr.serve.service import CTRService, Interaction
@@ -44,7 +50,15 @@ class Limits:
             raise ConfigError(f"request limits must be integers >= 1: {', '.join(bad)}")
 
 
-Id = Annotated[StrictStr, Field(max_length=MAX_ID_CHARS)] | Annotated[StrictInt, Field(ge=-(2**63), lt=2**63)]
+def _id_kind(value) -> str | None:
+    kind = type(value)  # exact types: bool is no id, nor is 1.0 or NaN
+    return "string" if kind is str else "integer" if kind is int else None
+
+
+Id = Annotated[Annotated[StrictStr, Field(max_length=MAX_ID_CHARS), Tag("string")]
+               | Annotated[StrictInt, Field(ge=-(2**63), lt=2**63), Tag("integer")],
+               Discriminator(_id_kind, custom_error_type="id_type",
+                             custom_error_message="an id must be a JSON string or integer")]
 
 
 def check_token(token: str) -> str:
@@ -175,17 +189,17 @@ def create_app(service: CTRService, *, limits: Limits | None = None, token: str 
         return service.info()
 
     @app.post("/predict")
-    async def predict(req: PredictIn) -> dict:
+    async def predict(req: PredictIn) -> JSONResponse:
         try:
-            probs = await _call(service.predict, req.user, req.items, _inter(req.history))
+            probs = service.predict(req.user, req.items, _inter(req.history))
         except MetactrError as e:
             raise HTTPException(422, e.one_line()) from None
-        return {"user": str(req.user), "scores": probs}
+        return JSONResponse({"user": str(req.user), "scores": probs})
 
     @app.post("/adapt")
-    async def adapt(req: AdaptIn) -> dict:
+    async def adapt(req: AdaptIn) -> JSONResponse:
         try:
-            return await _call(service.adapt, req.user, _inter(req.interactions), _inter(req.history))
+            return JSONResponse(service.adapt(req.user, _inter(req.interactions), _inter(req.history)))
         except MetactrError as e:
             raise HTTPException(422, e.one_line()) from None
 
@@ -194,23 +208,3 @@ def create_app(service: CTRService, *, limits: Limits | None = None, token: str 
         return {"user": user, "forgotten": service.forget(user)}
 
     return app
-
-
-import os  # noqa: E402  (measurement switch, removed once chosen)
-
-_MODE = os.environ.get("METACTR_SERVE_MODE", "inline")
-
-
-_LIM = None
-
-
-async def _call(fn, *args):
-    global _LIM
-    if _MODE == "thread":
-        return await run_in_threadpool(fn, *args)
-    if _MODE == "thread1":
-        import anyio
-        if _LIM is None:
-            _LIM = anyio.CapacityLimiter(1)
-        return await anyio.to_thread.run_sync(fn, *args, limiter=_LIM)
-    return fn(*args)
