@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -107,10 +109,15 @@ def _race(service, users, items, *, threads: int = 4, requests: int = 50):
                 errors.append(repr(e))
 
     pool = [threading.Thread(target=adapter if k % 2 == 0 else scorer, args=(k,)) for k in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join(timeout=60)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: a shared module swapped mid-call would show
+    try:
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(interval)
     return answers, errors, cands, hist
 
 
