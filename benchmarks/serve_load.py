@@ -158,6 +158,7 @@ class _RawConnection:
 
 
 CLIENTS = {"httpx": HttpxClient, "raw": RawClient}
+REQUEST_TIMEOUT_S = 30.0
 
 
 async def _loop(conn, path: str, bodies: list[bytes | None], deadline: float, out: list, check=None) -> int:
@@ -167,9 +168,11 @@ async def _loop(conn, path: str, bodies: list[bytes | None], deadline: float, ou
             break
         t = time.perf_counter()
         try:
-            status, data = await conn.send(path, body)
-        except (httpx.HTTPError, ConnectionError):
+            status, data = await asyncio.wait_for(conn.send(path, body), REQUEST_TIMEOUT_S)
+        except (httpx.HTTPError, ConnectionError, TimeoutError):
             status, data = 0, b""
+            if isinstance(conn, _RawConnection):
+                conn.close()  # a half-read answer: start afresh
         dt = time.perf_counter() - t
         if status == 200:
             out.append(dt)
@@ -265,12 +268,13 @@ def race(base: str, work: Workload, args, server_pid: int) -> dict:
     if answer.status_code != 200:
         raise SystemExit(f"race: reference /predict answered {answer.status_code}: {answer.text[:300]}")
     reference = answer.json()["scores"]
-    changed, worst = [0], [0.0]
+    changed, worst, answers = [0], [0.0], [0]
 
     probe_body = json.dumps(probe).encode()
 
     def check(body, answer):
         if body == probe_body:
+            answers[0] += 1
             d = max(abs(a - b) for a, b in zip(answer["scores"], reference, strict=True))
             changed[0] += d > 0
             worst[0] = max(worst[0], d)
@@ -279,13 +283,30 @@ def race(base: str, work: Workload, args, server_pid: int) -> dict:
     jobs = [("/adapt", [work.adapt(f"serve-load-adapted-{k}-{i}") for i in range(per)]) for k in range(half)]
     jobs += [("/predict", [probe] * per) for _ in range(half)]
     out = asyncio.run(phase(base, args.client, jobs, args.cap_s, server_pid, check))
-    return {**out, "probe_changed": changed[0], "probe_max_abs_diff": worst[0]}
+    return {**out, "probe_answers": answers[0], "probe_changed": changed[0], "probe_max_abs_diff": worst[0]}
+
+
+PHASES = ("health_serial", "predict_serial", "predict_concurrent", "adapt_serial", "race")
+
+
+def table(paths: list[Path]) -> str:
+    """A markdown table of result files: p50 / p99 ms and server CPU ms per request per phase."""
+    rows = ["| run | client | load | " + " | ".join(PHASES) + " | probe changed | errors |",
+            "|---|---|---|" + "---|" * (len(PHASES) + 2)]
+    for path in paths:
+        d = json.loads(path.read_text())
+        cells = [f"{d[k]['p50_ms']:.1f} / {d[k]['p99_ms']:.1f} ({d[k]['server_cpu_ms_per_req']:.2f})" for k in PHASES]
+        errors = sum(d[k]["errors"] for k in PHASES)
+        rows.append(f"| {d['label']} | {d['client']} | {d['machine']['loadavg'][0]:.1f} | " + " | ".join(cells)
+                    + f" | {d['race']['probe_changed']} of {d['race'].get('probe_answers', '?')} | {errors} |")
+    return "\n".join(rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    ap.add_argument("checkpoint", type=Path, nargs="?")
+    ap.add_argument("--data", type=Path, help="prepared dataset directory")
+    ap.add_argument("--table", type=Path, nargs="+", help="only print a markdown table of these result files")
     ap.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]),
                     help="checkout whose src/ the server runs (default: this one)")
     ap.add_argument("--python", default=sys.executable)
@@ -303,6 +324,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="write the results here (JSON)")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    if args.checkpoint is None or args.data is None:
+        ap.error("a checkpoint and --data are required")
     result = run(args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
