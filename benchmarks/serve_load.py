@@ -291,13 +291,14 @@ PHASES = ("health_serial", "predict_serial", "predict_concurrent", "adapt_serial
 
 def table(paths: list[Path]) -> str:
     """A markdown table of result files: p50 / p99 ms and server CPU ms per request per phase."""
-    rows = ["| run | client | load | " + " | ".join(PHASES) + " | probe changed | errors |",
+    rows = ["| file | client | load | " + " | ".join(PHASES) + " | probe changed | errors |",
             "|---|---|---|" + "---|" * (len(PHASES) + 2)]
     for path in paths:
         d = json.loads(path.read_text())
-        cells = [f"{d[k]['p50_ms']:.1f} / {d[k]['p99_ms']:.1f} ({d[k]['server_cpu_ms_per_req']:.2f})" for k in PHASES]
+        cells = [f"{d[k]['p50_ms']:.1f} / {d[k]['p99_ms']:.1f} ({d[k]['server_cpu_ms_per_req']:.2f})"
+                 if d[k]["n"] else f"none answered ({d[k]['errors']} errors)" for k in PHASES]
         errors = sum(d[k]["errors"] for k in PHASES)
-        rows.append(f"| {d['label']} | {d['client']} | {d['machine']['loadavg'][0]:.1f} | " + " | ".join(cells)
+        rows.append(f"| {path.stem.removeprefix('serve_')} | {d['client']} | {d['machine']['loadavg'][0]:.1f} | " + " | ".join(cells)
                     + f" | {d['race']['probe_changed']} of {d['race'].get('probe_answers', '?')} | {errors} |")
     return "\n".join(rows)
 
