@@ -120,3 +120,28 @@ def print_stats(prepared_dir: str | Path, *, console=None) -> list[dict]:
     for line in stats_warnings(rows, read_meta(prepared_dir)):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     return rows
+
+
+def click_counts(prepared_dir: str | Path, splits: list[str] | None = None) -> dict:
+    """Target rows of ``splits`` (default: every split whose name ends in ``train``) as columns:
+    ``{"splits": [...], "user_id", "item_id", "label"}`` NumPy arrays (int64 / float64). The
+    simple rate baselines (``models.rates``) count clicks from them."""
+    root = Path(prepared_dir)
+    if not root.is_dir():
+        raise DataError("prepared dataset directory not found", path=root)
+    avail = {p.stem: p for p in root.glob("*.parquet") if p.name not in _SKIP}
+    names = list(splits) if splits is not None else sorted(n for n in avail if n.endswith("train"))
+    missing = [n for n in names if n not in avail]
+    if missing or not names:
+        raise DataError(f"no split(s) {missing or 'ending in train'} to count clicks from "
+                        f"(available: {', '.join(sorted(avail)) or 'none'})", path=root, field="stats_splits")
+    cols = []
+    for n in names:
+        try:
+            cols.append(pl.read_parquet(avail[n], columns=["user_id", "target_item_id", "label"]))
+        except Exception as e:
+            raise DataError(f"cannot read Parquet: {e}", path=avail[n]) from None
+    df = pl.concat(cols)
+    return {"splits": names, "user_id": df["user_id"].to_numpy().astype("int64"),
+            "item_id": df["target_item_id"].to_numpy().astype("int64"),
+            "label": df["label"].to_numpy().astype("float64")}
