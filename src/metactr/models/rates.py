@@ -12,8 +12,9 @@ are trainable parameters (group ``mlp``), so the plain trainer, the meta strateg
 and a feature is its logit. Where the counts come from:
 
 * ``stats_from: <prepared dir>`` (+ ``stats_splits``, default every split whose name ends in
-  ``train``: ``train``, or ``wc_train`` + ``cw_train``, whose users and items are disjoint so one
-  set of counts serves both subsets): the counts are read when the model is built, which is what
+  ``train``: ``train``, or ``wc_train`` + ``cw_train``; name the subset's own, ``[wc_train]``, so
+  that the prior ``g`` is the subset's click rate (the counts would not mix: WC and CW share no
+  user or item)): the counts are read when the model is built, which is what
   ``metactr train`` needs (``model.params.stats_from``). A checkpoint stores the counts with the
   weights; rebuilding it reads ``stats_from`` again, then the stored counts replace those.
 * ``Model.fit_stats(dataset, splits)`` / ``model.use_stats(dataset, splits)`` from a loaded
