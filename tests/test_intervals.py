@@ -45,6 +45,17 @@ def test_weighted_auc_equals_sklearn_on_the_repeated_rows(ties):
     assert np.allclose(resampled_auc(y, p, u, M, how="rows"), resampled_auc(y, p, u, M, how="users"))
 
 
+def test_row_form_in_blocks_equals_one_block(monkeypatch):
+    import metactr.eval.intervals as iv
+
+    rng = np.random.default_rng(7)
+    u, score, y = _clustered(rng, n_users=20, rows=5)
+    M = user_multiplicities(20, 9, rng)
+    whole = resampled_auc(y, score, u, M, how="rows")
+    monkeypatch.setattr(iv, "ROW_BLOCK", 2 * y.size)  # blocks of 2 resamples
+    assert np.array_equal(resampled_auc(y, score, u, M, how="rows"), whole)
+
+
 def test_point_estimates_are_the_metrics_of_eval_metrics():
     rng = np.random.default_rng(1)
     u, score, y = _clustered(rng)

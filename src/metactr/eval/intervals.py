@@ -50,6 +50,7 @@ from metactr.errors import DataError
 from metactr.eval.metrics import EPS, gauc
 
 SeedMode = Literal["resample", "one"]
+ROW_BLOCK = 4_000_000  # elements of one [resamples, rows] block of the row form
 
 
 @dataclass
@@ -214,9 +215,14 @@ def resampled_auc(y: np.ndarray, p: np.ndarray, u: np.ndarray, M: np.ndarray, ho
     (``weighted_auc``, O(B n)) or the user form (``weighted_auc_users``, O(B U^2) in BLAS),
     whichever is cheaper (``how``: auto, rows, users)."""
     B, U = M.shape
+    n = len(y)
     if how == "auto":  # a BLAS multiply-add costs ~1/8 of a pass of NumPy over [B, n]
-        how = "users" if B * U * U / 8 + 4 * len(y) * U < 6 * B * len(y) else "rows"
-    return weighted_auc_users(y, p, u, M) if how == "users" else weighted_auc(y, p, M[:, u])
+        cheaper = B * U * U / 8 + 4 * n * U < 6 * B * n
+        how = "users" if cheaper and n * U <= 50_000_000 else "rows"  # (the [n, U] counts: <= 200 MB)
+    if how == "users":
+        return weighted_auc_users(y, p, u, M)
+    step = max(1, ROW_BLOCK // max(n, 1))  # resamples per block: a few [block, n] arrays of ~32 MB
+    return np.concatenate([weighted_auc(y, p, M[b:b + step, u]) for b in range(0, B, step)])
 
 
 def _per_user_terms(y: np.ndarray, p: np.ndarray, u: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
