@@ -168,3 +168,20 @@ def test_bad_stats_source_exits_2_in_one_line(data_dir, tmp_path, capsys):
     cfg = _cfg(tmp_path / "c.yaml", data_dir, tmp_path / "run2", stats_from=str(tmp_path / "absent"))
     assert main(["train", str(cfg)]) == 2
     assert "absent" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["rates_lr", "popularity", "din"])
+def test_bench_configs_parse_and_build(name, data_dir):
+    from pathlib import Path
+
+    from metactr.train.config import load_train_config
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "bench" / f"{name}_ml1m_future.yaml"
+    over = [f"model.params.stats_from={data_dir}", "model.params.stats_splits=[train]"] if name != "din" else []
+    cfg = load_train_config(path, over)
+    assert cfg.data.protocol == "rml" and cfg.data.prepare["rml"]["holdout"] == "future"
+    assert cfg.data.valid_split.endswith("finetune_a") and cfg.data.test_split.endswith("test")
+    ds = PreparedDataset(data_dir)
+    model = build_model(cfg.model.name, ds.spec, **cfg.model.params)
+    loss, _ = objective(model, None, ds.batch(ds.split("train"), torch.arange(8)))
+    assert torch.isfinite(loss)
