@@ -53,11 +53,12 @@ def decode(prep: Path, name: str) -> pl.DataFrame:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), n_users=st.integers(4, 25), n_items=st.integers(4, 40),
        max_len=st.integers(1, 6), stride=st.integers(1, 3), holdout=st.sampled_from(["paper", "temporal"]),
-       ties=st.floats(0, 1))
-def test_rml_split_properties(seed, n_users, n_items, max_len, stride, holdout, ties):
+       ties=st.floats(0, 1), test_sessions=st.sampled_from([1, 1, 2, 3]))
+def test_rml_split_properties(seed, n_users, n_items, max_len, stride, holdout, ties, test_sessions):
     raw = random_log(seed, n_users, n_items, 400, ties)
+    kt = test_sessions
     cfg = PrepareConfig(seed=seed, filter={"min_user_interactions": 3}, session={"max_len": max_len, "stride": stride},
-                        rml={"subset_min_interactions": 6, "holdout": holdout})
+                        rml={"subset_min_interactions": 6, "holdout": holdout, "test_sessions": kt})
     ref = reference_sequences(raw, cfg)
     with tempfile.TemporaryDirectory() as td:
         prep = Path(td)
@@ -120,19 +121,20 @@ def test_rml_split_properties(seed, n_users, n_items, max_len, stride, holdout, 
                 k = by_k[(u, tgt)]
                 if holdout == "paper":
                     assert (p != "train") == (k == 0)
-                else:
-                    assert p == (RML_PARTS[4 - k] if k <= 3 else "train")
+                else:  # the last kt sessions to test, the three before them to FT-C, FT-B, FT-A
+                    assert p == ("test" if k < kt else RML_PARTS[3 - (k - kt)] if k < kt + 3 else "train")
             for u in exp:
                 parts = [p for p, _ in holdout_of[u]]
                 if holdout == "paper":
                     assert len(parts) == 1  # exactly one FT/test session per user
                 else:
-                    # the last (up to) four sessions: ..., FT-C, test (a user with fewer sessions
-                    # fills them from the end)
-                    assert sorted(parts) == sorted(FT_TEST[4 - len(parts):])
-                    ts = dict(holdout_of[u])
-                    order = [ts[p] for p in FT_TEST if p in ts]
-                    assert order == sorted(order)  # FT-A, FT-B, FT-C, test in time order
+                    # the last (up to) kt + 3 sessions: FT-A, FT-B, FT-C, kt x test (a user with
+                    # fewer sessions fills them from the end)
+                    full = list(FT_TEST[:3]) + ["test"] * kt
+                    assert sorted(parts) == sorted(full[len(full) - len(parts):])
+                    rank = {p: i for i, p in enumerate(FT_TEST)}
+                    by_time = [p for _, p in sorted((t, rank[p]) for p, t in holdout_of[u])]
+                    assert by_time == sorted(by_time)  # FT-A, FT-B, FT-C, test in time order
             users_of[subset], items_of[subset] = seen_users, seen_items
             assert all((u in cold) == user_cold for u in seen_users)
             assert all((i in warm_items) == (subset == "cw") for i in seen_items)

@@ -125,7 +125,7 @@ def test_every_model_local_meta_gradient_equals_dense(tasks, name):
     kw = dict(names=names, lr=0.4, steps=2, support_weight=sw, query_weight=qw)
     dense = meta_grads(model, maml_outer_loss(model, live_params(model), sup, qry, local_tables=False, **kw))
     local = meta_grads(model, maml_outer_loss(model, live_params(model), sup, qry, local_tables=True, **kw))
-    assert any(dense[t].abs().max() > 0 for t in tables_of(model))
+    assert not tables_of(model) or any(dense[t].abs().max() > 0 for t in tables_of(model))  # (rate models: none)
     assert_same(dense, local)
 
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import polars as pl
@@ -61,8 +61,13 @@ class RMLConfig(StrictModel):
     cold_user_fraction: float = PField(0.2, gt=0.0, lt=1.0)  # warm:cold users 4:1
     item_warm_quantile: float = PField(0.5, gt=0.0, lt=1.0)  # warm item: count > this quantile
     subset_min_interactions: int = PField(20, ge=3)
-    holdout: Literal["paper", "temporal"] = "paper"
+    holdout: Literal["paper", "temporal", "future"] = "paper"
     finetune_users: int | None = PField(None, ge=1)  # None: each last session to FT-A/B/C/test uniformly
+    test_sessions: int = PField(1, ge=1)  # temporal: each user's last k sessions to test (FT-A/B/C before them)
+    future_start: float = PField(0.7, gt=0.0, lt=1.0)  # future: cut at this quantile of target times
+    # future: relative sizes of the consecutive FT-A, FT-B, FT-C, test windows after the cut
+    future_windows: tuple[Annotated[float, PField(ge=0)], Annotated[float, PField(ge=0)],
+                          Annotated[float, PField(ge=0)], Annotated[float, PField(gt=0)]] = (1, 1, 1, 3)
 
 
 class RandomConfig(StrictModel):

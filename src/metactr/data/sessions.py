@@ -44,12 +44,21 @@ def positions(user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return idx - run_start, lengths[run_id]
 
 
+def target_mask(user: np.ndarray, *, stride: int = 1, min_hist: int = 1
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(which rows are targets, each row's position in its user's run, the same counted back
+    from the user's last row). A target has at least ``min_hist`` earlier interactions and sits
+    a multiple of ``stride`` before its user's last row: the one rule that ``build_samples`` and
+    the splitter's future holdout share."""
+    pos, cnt = positions(user)
+    rev = cnt - 1 - pos
+    return (pos >= min_hist) & (rev % stride == 0), pos, rev
+
+
 def build_samples(user: np.ndarray, item: np.ndarray, label: np.ndarray, *, max_len: int, stride: int = 1,
                   min_hist: int = 1) -> Samples:
     """Every target position with at least ``min_hist`` earlier interactions (0 allows empty sessions)."""
-    pos, cnt = positions(user)
-    rev = cnt - 1 - pos
-    is_target = (pos >= min_hist) & (rev % stride == 0)
+    is_target, pos, rev = target_mask(user, stride=stride, min_hist=min_hist)
     tgt = np.flatnonzero(is_target)
     hl = np.minimum(pos[tgt], max_len).astype(np.int64)
     offsets = np.zeros(len(tgt) + 1, dtype=np.int64)

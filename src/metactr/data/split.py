@@ -9,7 +9,13 @@ writer per split, so memory stays bounded by the chunk size, not the log size.
   warm/cold users (seeded, default 4:1), warm/cold items by an interaction-count threshold
   (default the median, ~1:1), subsets WC = warm users x cold items and CW = cold users x warm
   items, sliding-window sessions, each user's last session to one of FT-A/FT-B/FT-C/test
-  (``paper``) or the last four sessions to FT-A, FT-B, FT-C, test in time order (``temporal``).
+  (``paper``), or each user's last ``test_sessions`` sessions to test and the three before them
+  to FT-C, FT-B, FT-A (``temporal``), or a time cut (``future``, see ``future_bounds``): every
+  session whose target comes after the ``future_start`` quantile of the subset's target times
+  goes, by time, to consecutive windows FT-A, FT-B, FT-C, test (relative sizes
+  ``future_windows``), training keeps only sessions before the cut. ``paper`` and ``temporal``
+  give one (or k) test session per user: a few hundred rows on ML-1M-partial; ``future`` gives
+  thousands (the rows an interval needs).
   Deviation, documented: users are filtered twice, on the whole log and again inside each subset
   (``subset_min_interactions``), which is what the authors' published ML-1M split shows (every
   WC/CW user there has >= 20 interactions in the subset).
@@ -33,7 +39,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from metactr.data.sessions import build_samples, positions
+from metactr.data.sessions import build_samples, positions, target_mask
 from metactr.errors import DataError
 
 RML_PARTS = ("train", "finetune_a", "finetune_b", "finetune_c", "test")  # the RML protocol's splits per subset
@@ -210,6 +216,35 @@ def rml_holdout_dest(users: np.ndarray, n_user_codes: int, *, finetune_users: in
     return dest
 
 
+def future_bounds(target_ts: np.ndarray, start: float, windows) -> tuple[float, np.ndarray]:
+    """The future holdout's time cut and the upper bounds of FT-A, FT-B, FT-C.
+
+    ``cut`` is the ``start`` quantile of the target times (the ``round(start * n)``-th smallest);
+    targets at or before it train. The ``m`` later targets are cut, in time order, into windows
+    of ``round(cumsum(windows) / sum(windows) * m)`` cumulative sizes; ``bounds[j]`` is the time
+    of the last target of window j (ties at a bound stay in the earlier window, so windows are
+    consecutive in time and their sizes drift by the tied targets only). A target at time t > cut
+    goes to window ``searchsorted(bounds, t)``: 0..2 = FT-A..FT-C, 3 = test.
+    """
+    s = np.sort(np.asarray(target_ts))
+    n = len(s)
+    if n == 0:
+        return 0.0, np.zeros(3)
+    k = int(np.clip(round(start * n), 1, n))
+    cut = s[k - 1]
+    held = s[k:][s[k:] > cut]
+    w = np.asarray(windows, dtype=np.float64)
+    ends = np.rint(np.cumsum(w)[:3] / w.sum() * len(held)).astype(np.int64)
+    bounds = np.where(ends >= 1, held[np.maximum(ends - 1, 0)] if len(held) else cut, cut)
+    return cut, bounds.astype(np.float64)
+
+
+def temporal_part(k: np.ndarray, test_sessions: int) -> np.ndarray:
+    """``temporal``: session k (counted back from the last, 0 = last) -> part index in RML_PARTS."""
+    kt = test_sessions
+    return np.where(k < kt, 4, np.where(k < kt + 3, 3 - (k - kt), 0))
+
+
 def write_groups(out_dir: Path, log: Log, is_cold_user: np.ndarray, warm_item: np.ndarray) -> None:
     """protocol/user_groups.parquet and item_groups.parquet: who is warm or cold (for analysis and
     tests; a subfolder, so loaders that glob ``*.parquet`` never take them for splits)."""
@@ -231,6 +266,8 @@ def write_rml(log: Log, out_dir: Path, *, n_user_codes: int, cfg, chunk_rows: in
     counts, facts = {}, {"item_count_threshold": threshold, "warm_items": int(warm_item.sum()),
                          "cold_items": int(((np.bincount(log.item, minlength=log.n_items) > 0) & ~warm_item).sum()),
                          "warm_users": int(len(unique_sorted(log.user)) - len(cold)), "cold_users": int(len(cold))}
+    if r.holdout == "future":
+        facts["future_order"] = "timestamp" if log.has_time else "file order (no timestamps)"
     write_groups(out_dir, log, is_cold_user, warm_item)
     for subset, user_cold, item_warm in (("wc", False, False), ("cw", True, True)):
         mask = (is_cold_user[log.user] == user_cold) & (warm_item[log.item] == item_warm)
@@ -239,6 +276,10 @@ def write_rml(log: Log, out_dir: Path, *, n_user_codes: int, cfg, chunk_rows: in
         facts[f"{subset}_users"] = int(len(users))
         dest = (rml_holdout_dest(users, n_user_codes, finetune_users=r.finetune_users, seed=cfg.seed, subset=subset)
                 if r.holdout == "paper" else None)
+        if r.holdout == "future":
+            is_t = target_mask(sub.user, stride=sess.stride, min_hist=sess.min_len)[0]
+            cut, bounds = future_bounds(sub.timestamp[is_t], r.future_start, r.future_windows)
+            facts[f"{subset}_future_cut"], facts[f"{subset}_future_bounds"] = float(cut), bounds.tolist()
         names = tuple(f"{subset}_{p}" for p in RML_PARTS)
         sink = SplitSink(out_dir, names, log.n_items)
         try:
@@ -247,10 +288,13 @@ def write_rml(log: Log, out_dir: Path, *, n_user_codes: int, cfg, chunk_rows: in
                 s = build_samples(ch.user, ch.item, ch.label, max_len=sess.max_len, stride=sess.stride,
                                   min_hist=sess.min_len)
                 k = s.rev_pos // sess.stride  # sessions counted back from the last one
-                if dest is not None:
+                if r.holdout == "paper":
                     part = np.where(k == 0, dest[ch.user[s.target_idx]], 0)
+                elif r.holdout == "temporal":
+                    part = temporal_part(k, r.test_sessions)
                 else:
-                    part = np.where(k <= 3, 4 - k, 0)
+                    t = ch.timestamp[s.target_idx]
+                    part = np.where(t > cut, 1 + np.searchsorted(bounds, t, side="left"), 0)
                 for j, name in enumerate(names):
                     sink.write(name, ch, s, part == j)
         finally:
