@@ -36,6 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 
 # public name -> (module, attribute)
 _API: dict[str, tuple[str, str]] = {
+    "synthesize": ("metactr.data.synth", "generate"),
     "prepare": ("metactr.data.pipeline", "prepare"),
     "PrepareConfig": ("metactr.data.pipeline", "PrepareConfig"),
     "load_prepared": ("metactr.data.prepared", "PreparedDataset"),

@@ -15,6 +15,7 @@ from metactr.engine.device import resolve_device
 from metactr.models.base import CTRModel
 from metactr.strategies import Strategy, build_strategy, strategy_config
 from metactr.strategies.plain import Plain
+from metactr.train.checkpoint import model_meta
 from metactr.train.config import OptimConfig
 from metactr.train.trainer import FitResult, Trainer
 
@@ -41,7 +42,13 @@ def fit(model: CTRModel, dataset: PreparedDataset, split: str | Split = "train",
         strat = build_strategy(strategy_config(values.pop("name", "plain"), values, strict=True))
     else:
         strat = build_strategy(strategy)
+    meta = None
+    if run_dir is not None:  # checkpoints that `load_checkpoint` / `metactr evaluate` / `metactr serve` read
+        meta = model_meta(model, getattr(model, "build_kwargs", {}),
+                          {"use_ids": dataset.use_ids, "max_hist_len": model.spec.max_hist_len,
+                           "prepared": str(dataset.root)})
+        meta["precision"] = precision
     trainer = Trainer(device=resolve_device(device), precision=precision, run_dir=run_dir, progress=progress,
-                      log=log, valid_split=valid_split, patience=patience)
+                      log=log, valid_split=valid_split, patience=patience, checkpoint_meta=meta)
     return trainer.fit(model, dataset, split, strat, epochs=epochs, batch_size=batch_size,
                        generator=torch.Generator().manual_seed(seed), resume=resume)

@@ -144,6 +144,8 @@ def build_model(name: str, spec: FeatureSpec, **kwargs: Any) -> CTRModel:
     if name not in models:
         raise ConfigError(f"unknown model '{name}' (available: {', '.join(models)})", field="model.name")
     try:
-        return models[name](spec, **kwargs)
+        model = models[name](spec, **kwargs)
     except TypeError as e:
         raise ConfigError(f"bad arguments for model '{name}': {e}", field="model") from None
+    model.build_kwargs = dict(kwargs)  # what a checkpoint needs to rebuild it (train.checkpoint.model_meta)
+    return model
