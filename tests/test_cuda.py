@@ -389,3 +389,51 @@ def test_ddp_single_rank_over_nccl_matches_plain_training(data_dir):
     finally:
         tdist.destroy_process_group()
     assert_dicts_close(finals[1], finals[0], 1e-5)
+
+
+# --------------------------------------------------------------------------- every strategy on the device
+META_STRATEGIES = {  # strategy -> (model, params, strategy block); no dropout: the device RNG differs
+    "two_phase": ("rml", {"embed_dim": 4, "att_hidden": [8], "lstm_hidden": 4, "mlp_hidden": [8],
+                          "aux_hidden": [4], "dropout": 0.0}, {"name": "two_phase"}),
+    "maml": ("rml", {"embed_dim": 4, "att_hidden": [8], "lstm_hidden": 4, "mlp_hidden": [8], "aux_hidden": [4],
+                     "dropout": 0.0}, {"name": "maml", "adapt_groups": ["meta"], "tasks_per_batch": 8,
+                                       "support_size": 4, "query_size": 3}),
+    "metasgd": ("melu", {"embed_dim": 4, "hidden": [8]}, {"name": "metasgd", "tasks_per_batch": 8,
+                                                           "support_size": 4, "query_size": 3}),
+}
+
+
+@pytest.mark.parametrize("name", list(META_STRATEGIES))
+def test_meta_strategies_train_on_device_like_on_cpu(data_dir, tmp_path, name):
+    """``metactr train`` with ``--set device=cuda`` for RML two-phase and MAML: the Trainer moves the
+    model, every step input and the strategy's state (Meta-SGD rates) to the device; the run and a
+    resume match the CPU run."""
+    from metactr.train.config import TrainConfig
+
+    model_name, params, strat = META_STRATEGIES[name]
+
+    def run(device: torch.device, out, resume=False):
+        cfg = TrainConfig.model_validate({
+            "data": {"prepared": str(data_dir)}, "model": {"name": model_name, "params": params},
+            "strategy": strat, "epochs": 2, "batch_size": 32, "seed": 1, "out": str(out), "progress": False,
+            "tensorboard": False, "early_stopping": {"patience": None}, "device": str(device)})
+        ds = PreparedDataset(data_dir)
+        torch.manual_seed(cfg.seed)
+        model = build_model(model_name, ds.spec, **params)
+        return fit(model, ds, cfg, run_dir=out, resume=resume, device=device, log=lambda s: None), model, ds
+
+    (res_c, model_c, ds), (res_d, model_d, _) = run(CPU, tmp_path / "cpu"), run(DEVICE, tmp_path / "dev")
+    assert all(p.device.type == DEVICE.type for p in model_d.parameters())
+    hist_c = [r["train_loss"] for r in history(tmp_path / "cpu")]
+    hist_d = [r["train_loss"] for r in history(tmp_path / "dev")]
+    np.testing.assert_allclose(hist_d, hist_c, rtol=1e-3)
+    np.testing.assert_allclose(predict_proba(model_d, ds, "test"), predict_proba(model_c, ds, "test"), atol=2e-3)
+    # a crash after epoch 1 on the device, resumed there: the same weights as the uninterrupted device run
+    import shutil
+
+    shutil.copytree(tmp_path / "dev", tmp_path / "cut")
+    for f in (tmp_path / "cut" / "checkpoints").glob("epoch_002*"):
+        f.unlink()
+    _, resumed, _ = run(DEVICE, tmp_path / "cut", resume=True)
+    assert_dicts_close({k: v.cpu() for k, v in resumed.state_dict().items()},
+                       {k: v.cpu() for k, v in model_d.state_dict().items()}, 1e-6)
