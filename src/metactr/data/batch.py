@@ -29,10 +29,9 @@ from torch import Tensor
 
 def take_rows(x: Tensor, idx: Tensor | slice) -> Tensor:
     """``x[idx]`` along the first dimension; integer index tensors of any shape go through
-    ``index_select`` (result ``[*idx.shape, *x.shape[1:]]``; no negative ids). Why: on CPU,
-    gathering 1,024 rows of a 1M x 13 int64 tensor took 13-20 us by advanced indexing and 7 us
-    by ``index_select`` on a quiet machine, and 0.7-1.5 ms against 9 us while another job loaded
-    it (torch 2.13). Within a whole training step the gain is small (``docs/training.md``)."""
+    ``index_select`` (result ``[*idx.shape, *x.shape[1:]]``; no negative ids): on CPU it gathers
+    faster than advanced indexing, most of all on a loaded machine (the timings, with their
+    command and host, are in ``docs/training.md``)."""
     if isinstance(idx, Tensor) and not idx.dtype.is_floating_point and idx.dtype != torch.bool:
         return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
     return x[idx]
