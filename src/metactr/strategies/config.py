@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, create_model
 
 from metactr.config import StrictModel
 from metactr.errors import ConfigError
@@ -89,30 +89,19 @@ STRATEGIES = tuple(CONFIGS)
 _ADAPTER = TypeAdapter(StrategyConfig)
 
 
-class StrategyDefaults(StrictModel):
-    """The flat ``strategy:`` block of a reproduction: run length + every strategy's settings."""
+def _defaults_model() -> type[StrictModel]:
+    """The flat ``strategy:`` block of a reproduction: the run length + every strategy's settings
+    (each field as its strategy declares it, so the defaults and bounds have one source)."""
+    fields: dict[str, Any] = {"epochs": (float, Field(10.0, gt=0)),  # fractions allowed (quick runs)
+                              "batch_size": (int, Field(128, gt=1))}
+    for cls in dict.fromkeys(CONFIGS.values()):
+        for n, f in cls.model_fields.items():
+            if n != "name":
+                fields.setdefault(n, (f.annotation, f))
+    return create_model("StrategyDefaults", __base__=StrictModel, **fields)
 
-    epochs: float = Field(10.0, gt=0)  # fractions allowed (quick runs)
-    batch_size: int = Field(128, gt=1)
-    lr: float = Field(0.01, gt=0)
-    local_lr: float = Field(0.01, gt=0)
-    decay: float = Field(0.7, gt=0, le=1)
-    min_lr: float = Field(1e-5, ge=0)
-    clip_norm: float | None = Field(5.0, gt=0)
-    l_pos_frac: float = Field(1 / 3, gt=0, lt=1)
-    local_groups: list[str] = ["meta"]
-    adapt_groups: list[str] | None = None
-    inner_lr: float = Field(0.01, gt=0)
-    inner_steps: int = Field(1, ge=1)
-    first_order: bool = False
-    tasks_per_batch: int = Field(32, gt=0)
-    support_size: int = Field(20, gt=0)
-    query_size: int = Field(10, gt=0)
-    query_frac: float = Field(0.5, gt=0, lt=1)
-    vectorize: bool = True
-    metasgd_init: float = Field(0.01, gt=0)
-    alpha: float = Field(0.1, ge=0, le=1)
-    cold_threshold: int = Field(5, ge=1)
+
+StrategyDefaults = _defaults_model()
 
 
 def strategy_config(name: str, values: dict[str, Any] | None = None, *, strict: bool = False) -> Any:
