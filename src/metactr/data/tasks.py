@@ -235,3 +235,35 @@ class UserIndex:
         take = torch.where(weight > 0, take, torch.zeros_like(take))
         rows = self.rows[self.starts[pos][:, None] + take]
         return rows, weight
+
+
+# --------------------------------------------------------------------------- session tasks
+def session_tasks(batch: Batch, support_size: int) -> tuple[Batch, Tensor, Batch, Tensor]:
+    """Each row as a task: its support set is the session's own labelled history, its query the target.
+
+    Support row j of a session predicts the session's item j from the items before it (the same
+    next-item supervision as RML's auxiliary loss); the last ``support_size`` items of each
+    session are used. Returns ``(support [B, S, ...], support_weight [B, S], query [B, 1, ...],
+    query_weight [B, 1])``; an empty session has weight 0 everywhere (no adaptation). Vectorized.
+    """
+    if support_size <= 0:
+        raise ValueError(f"support_size must be > 0, got {support_size}")
+    B, L = batch.hist_mask.shape
+    S = min(support_size, L)
+    n = batch.hist_mask.sum(1)  # sessions are left-aligned: items 0..n-1 in time order
+    pos = (n - S).clamp_min(0)[:, None] + torch.arange(S)[None, :]  # [B, S] the last S positions
+    weight = (pos < n[:, None]).float()
+    pos = torch.where(weight > 0, pos, torch.zeros_like(pos))
+    rows = torch.arange(B)[:, None]
+    earlier = torch.arange(L)[None, None, :] < pos[:, :, None]  # [B, S, L] items before position j
+    hist_mask = batch.hist_mask[:, None, :] & earlier
+
+    def rep(t: Tensor) -> Tensor:
+        return t[:, None].expand(B, S, *t.shape[1:])
+
+    support = Batch(user=rep(batch.user), item=batch.hist[rows, pos], context=rep(batch.context),
+                    hist=rep(batch.hist) * hist_mask[..., None], hist_mask=hist_mask,
+                    hist_label=rep(batch.hist_label) * hist_mask, label=batch.hist_label[rows, pos].to(batch.label.dtype),
+                    user_id=rep(batch.user_id))
+    query = Batch(*(t[:, None] for t in batch))
+    return support, weight, query, torch.ones(B, 1, dtype=weight.dtype)

@@ -79,10 +79,29 @@ class MetaEmbeddingConfig(_Tasks):
     cold_threshold: int = Field(5, ge=1)
 
 
+class SessionMetaConfig(_Optimised):
+    """Session-level MAML (ours, beside the papers' methods): each session is a task, its support
+    set the session's own labelled history, its query the target; the inner loop adapts
+    ``adapt_groups`` (``inner_steps`` steps, second order unless ``first_order``, learned
+    per-parameter rates with ``metasgd``). At FT and test every session is adapted on its own
+    history before its target is scored (``test_steps`` / ``test_lr``, default: as in training)."""
+
+    name: Literal["session_maml"] = "session_maml"
+    adapt_groups: list[str] | None = None  # None: ["meta"] (RML's meta-interaction module)
+    inner_lr: float = Field(0.01, gt=0)
+    inner_steps: int = Field(1, ge=1)
+    first_order: bool = False
+    metasgd: bool = False
+    history_size: int = Field(5, gt=0)  # the support set: the session's last history_size items
+    test_steps: int | None = Field(None, ge=0)
+    test_lr: float | None = Field(None, gt=0)
+
+
 StrategyConfig = Annotated[Union[PlainConfig, TwoPhaseConfig, MAMLConfig, ReptileConfig, MeLUConfig,  # noqa: UP007
-                                 MAMOConfig, MetaEmbeddingConfig], Field(discriminator="name")]
+                                 MAMOConfig, MetaEmbeddingConfig, SessionMetaConfig], Field(discriminator="name")]
 CONFIGS: dict[str, type[StrictModel]] = {}
-for _cls in (PlainConfig, TwoPhaseConfig, MAMLConfig, ReptileConfig, MeLUConfig, MAMOConfig, MetaEmbeddingConfig):
+for _cls in (PlainConfig, TwoPhaseConfig, MAMLConfig, ReptileConfig, MeLUConfig, MAMOConfig, MetaEmbeddingConfig,
+             SessionMetaConfig):
     for _n in _cls.model_fields["name"].annotation.__args__:
         CONFIGS[_n] = _cls
 STRATEGIES = tuple(CONFIGS)

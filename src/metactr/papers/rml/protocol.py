@@ -20,6 +20,7 @@ from metactr.data.prepared import PreparedDataset
 from metactr.eval.metrics import auc as auc_score
 from metactr.eval.metrics import bootstrap_ci95
 from metactr.eval.metrics import logloss as logloss_score
+from metactr.eval.adapted import session_adapted_proba
 from metactr.eval.predict import predict_proba
 from metactr.data.split import FT_STAGES
 from metactr.models.base import CTRModel, build_model
@@ -75,19 +76,23 @@ def scored_rows(n: int, cfg: ProtocolConfig, gen: torch.Generator) -> torch.Tens
     return torch.randperm(n, generator=gen)[:keep]
 
 
-def evaluate(model: CTRModel, dataset: PreparedDataset, split: str, rows: torch.Tensor) -> tuple[dict, list, list]:
+def evaluate(model: CTRModel, dataset: PreparedDataset, split: str, rows: torch.Tensor,
+             adapt: dict | None = None) -> tuple[dict, list, list]:
+    """Metrics of ``rows`` of ``split``; with ``adapt`` (a session strategy's ``test_adaptation``),
+    each session is adapted on its own history before its target is scored."""
     s = dataset.split(split).subset(rows)
-    prob = predict_proba(model, dataset, s)
+    prob = predict_proba(model, dataset, s) if adapt is None else session_adapted_proba(model, dataset, s, **adapt)
     y = s.label.numpy()
     return {"auc": auc_score(y, prob), "logloss": logloss_score(y, prob), "n_test": int(y.size)}, y, prob
 
 
 def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_kw: dict,
                  strategy: Any, cfg: ProtocolConfig, seed: int, *, epochs: float = 10.0, batch_size: int = 128,
-                 trainer: Trainer | None = None) -> list[dict]:
+                 trainer: Trainer | None = None, on_scores=None) -> list[dict]:
     """(Meta-)train ``model_name`` on ``{subset}_train`` with ``strategy`` (a strategy config) for
     ``epochs`` in batches of ``batch_size``, then fine-tune on FT-A, FT-B, FT-C in turn and score
-    ``{subset}_test`` before and after each. One row per stage."""
+    ``{subset}_test`` before and after each. One row per stage; ``on_scores(stage, y, prob)``
+    receives the scored rows' labels and probabilities (for intervals over test users)."""
     for s in ("train", "test", *FT_STAGES):
         dataset.split(f"{subset}_{s}")  # fail early (DataError) on a missing split
     trainer = trainer or Trainer()
@@ -100,16 +105,20 @@ def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_k
     gen = torch.Generator().manual_seed(seed + 7919)
     test = f"{subset}_test"
     rows_idx = scored_rows(len(dataset.split(test)), cfg, gen)
+    adapt_fn = getattr(fitted.strategy, "test_adaptation", None)  # session strategies adapt at test
     out = []
     for stage in ("before", *FT_STAGES):
         steps = 0
         if stage != "before":
             steps = finetune(model, dataset, f"{subset}_{stage}", fitted.strategy.optimizer, cfg, gen,
                              strategy.clip_norm, trainer)
-        m, y, prob = evaluate(model, dataset, test, rows_idx)
+        adapt = adapt_fn() if adapt_fn is not None else None
+        m, y, prob = evaluate(model, dataset, test, rows_idx, adapt)
+        if on_scores is not None:
+            on_scores(stage, y, prob)
         row = {"subset": subset, "stage": stage, "seed": seed, "ft_steps": steps, **m, "train_s": round(train_s, 2)}
         if cfg.mode == "faithful":  # also every test row, to compare with the authors' partial scoring
-            full, _, _ = evaluate(model, dataset, test, torch.arange(len(dataset.split(test))))
+            full, _, _ = evaluate(model, dataset, test, torch.arange(len(dataset.split(test))), adapt)
             row.update({f"{k}_all_rows": v for k, v in full.items()})
         if cfg.bootstrap and stage == "finetune_c":
             _, lo, hi = bootstrap_ci95(y, prob, n_boot=cfg.bootstrap, seed=seed)
