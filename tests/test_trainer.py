@@ -235,6 +235,8 @@ STRATEGIES = {  # name -> (model, params, strategy block)
     "reptile": ("rml", {**SMALL_RML, "dropout": 0.0}, {"name": "reptile", "adapt_groups": ["meta"], **TASKS}),
     "melu": ("melu", {"embed_dim": 4, "hidden": [8]}, {"name": "melu", **TASKS}),
     "meta_embedding": ("meta_embedding", {"embed_dim": 4, "hidden": [8]}, {"name": "meta_embedding", **TASKS}),
+    "session_maml": ("rml", {**SMALL_RML, "dropout": 0.0}, {"name": "session_maml", "metasgd": True,
+                                                            "history_size": 3}),
 }
 
 
@@ -258,8 +260,8 @@ def test_every_strategy_trains_checkpoints_and_resumes_bit_identically(data_dir,
     n_epochs = 4 if name == "meta_embedding" else 2  # pre-training, then the generator
     assert [r["epoch"] for r in lines] == list(range(1, n_epochs + 1))
     assert json.loads((run / "best.json").read_text())["strategy"] == name
-    # the quality signal is learnt: two_phase, maml, metasgd and meta_embedding reach test AUC
-    # 0.91-0.94 here; two epochs of MeLU (0.60) and of Reptile's small outer steps (0.46) do not
+    # the quality signal is learnt: two_phase, maml, metasgd, meta_embedding and session_maml reach
+    # test AUC 0.91-0.94 here; two epochs of MeLU (0.60) and of Reptile's small outer steps (0.46) do not
     if name not in ("melu", "reptile"):
         assert res["metrics"]["test"]["auc"] > 0.85, res["metrics"]
     shutil.copytree(run, tmp_path / "cut")
