@@ -422,7 +422,7 @@ def test_meta_strategies_train_on_device_like_on_cpu(data_dir, tmp_path, name):
         model = build_model(model_name, ds.spec, **params)
         return fit(model, ds, cfg, run_dir=out, resume=resume, device=device, log=lambda s: None), model, ds
 
-    (res_c, model_c, ds), (res_d, model_d, _) = run(CPU, tmp_path / "cpu"), run(DEVICE, tmp_path / "dev")
+    (_, model_c, ds), (_, model_d, _) = run(CPU, tmp_path / "cpu"), run(DEVICE, tmp_path / "dev")
     assert all(p.device.type == DEVICE.type for p in model_d.parameters())
     hist_c = [r["train_loss"] for r in history(tmp_path / "cpu")]
     hist_d = [r["train_loss"] for r in history(tmp_path / "dev")]
