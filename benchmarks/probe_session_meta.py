@@ -77,7 +77,11 @@ def main() -> None:
         users = ds.split(f"{subset}_test").user_id.numpy()
         cmp = compare_methods(y, users, {k: np.stack(v) for k, v in preds.items()},
                               baselines=[k for k in preds if k.startswith(("rates_lr", "popularity", "din"))])
+        ablation = "rml_wo_meta (plain)"
+        vs_ablation = (compare_methods(y, users, {k: np.stack(v) for k, v in preds.items()}, reference=ablation)
+                       if ablation in preds else None)
         report["subsets"][subset] = {"rows": cmp.rows(), "pairs": cmp.pair_rows(), "reference": cmp.reference,
+                                     "pairs_vs_wo_meta": vs_ablation.pair_rows() if vs_ablation else [],
                                      "n_test": cmp.n_test, "n_users": cmp.n_users, "seconds": times}
         print(f"\n{subset.upper()}: {cmp.n_test} test rows, {cmp.n_users} users; reference {cmp.reference}")
         for r in cmp.rows():
@@ -85,6 +89,9 @@ def main() -> None:
                   f"  GAUC {r['gauc_mean']:.4f}  LogLoss {r['logloss_mean']:.4f}")
         for p in cmp.pair_rows():
             print(f"  {p['method']:<34} - ref: {p['delta_auc']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"
+                  f"{'  *' if p['excludes_zero'] else ''}")
+        for p in report["subsets"][subset]["pairs_vs_wo_meta"]:
+            print(f"  {p['method']:<34} - w/o Meta: {p['delta_auc']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"
                   f"{'  *' if p['excludes_zero'] else ''}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
