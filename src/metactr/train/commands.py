@@ -11,7 +11,8 @@ import typer
 
 
 def models_command() -> None:
-    """List the registered CTR models with their paper and parameter groups."""
+    """List the registered CTR models with their paper, parameter groups and whether they read the
+    session (always; optional: the ``use_history`` argument; no)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -26,8 +27,7 @@ def models_command() -> None:
             groups = ", ".join(cls(spec).param_groups())
         except Exception:  # a model that cannot be built on the toy spec still gets listed
             groups = ", ".join(cls.param_group_prefixes)
-        table.add_row(name, cls.paper or (cls.__doc__ or "").strip().split("\n")[0], groups,
-                      "yes" if cls.uses_history else "no")
+        table.add_row(name, cls.paper or (cls.__doc__ or "").strip().split("\n")[0], groups, cls.session_use())
     Console().print(table)
 
 
