@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -191,3 +192,20 @@ def test_vectorized_and_looped_strategies_train_the_same_weights(toy, name):
     a, b = trained(True), trained(False)
     for n in a:
         torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0)
+
+
+def test_reproduce_cli_is_consistent_threads_seeds_default_and_plain_quick_flag(toy_dir, tmp_path, capsys):
+    from metactr.papers.rml.reproduce import load_reproduce_config
+
+    assert load_reproduce_config(None, ["threads=2"]).threads == 2  # as `train` accepts it
+    assert load_reproduce_config(None, []).threads == 1  # the jobs' single thread, as before
+    for cmd in (["reproduce", "rml"], ["reproduce", "metaselector"]):
+        assert main([*cmd, "--help"]) == 0
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "--quick" in help_text and "--no-quick" not in help_text and "--force" in help_text
+    assert main(["reproduce", "rml", "--help"]) == 0
+    help_text = re.sub(r"[│\s]+", " ", capsys.readouterr().out)  # the help box may wrap the line
+    assert "default: (5, or the config's; 2 with --quick)" in help_text
+    assert main(["reproduce", "rml", "--data", str(toy_dir), "--out", str(tmp_path / "o"), "--quick",
+                 "--set", "threads=0"]) == 2
+    assert "threads" in capsys.readouterr().err

@@ -114,3 +114,14 @@ def test_reproduce_quick_on_real_ml100k(real_data, tmp_path):
     assert res["n_test_users"] == 40
     # real data: trained base models are better than chance
     assert all(r["auc_mean"] > 0.55 for r in res["methods"] if r["method"] in ("fm", "deepfm"))
+
+
+def test_reproduce_takes_threads_like_train(tmp_path, capsys):
+    from metactr.papers.metaselector.reproduce import load_experiment
+
+    assert load_experiment(None, ["threads=1"], quick=True).threads == 1
+    assert load_experiment(None, [], quick=False).threads is None  # torch's default, as before
+    write_toy_dataset(tmp_path / "toy", n_users=10, seed=0)
+    assert main(["reproduce", "metaselector", "--prepared", str(tmp_path / "toy"), "--out", str(tmp_path / "o"),
+                 "--set", "threads=0"]) == 2
+    assert "threads" in capsys.readouterr().err

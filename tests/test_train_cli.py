@@ -159,3 +159,27 @@ def test_train_from_raw_files(real_data, tmp_path, capsys):
     results = _strict_json((tmp_path / "run" / "results.json").read_text())
     assert set(results["metrics"]) == {"valid", "test"} and results["metrics"]["test"]["auc"] > 0.65
     assert (tmp_path / "prep" / "train.parquet").is_file()
+
+
+def test_models_says_which_models_read_the_session(capsys):
+    from metactr.models.base import registry
+
+    assert main(["models"]) == 0
+    models = registry()
+    assert models["din"].session_use() == "always" and models["popularity"].session_use() == "no"
+    assert models["lr"].session_use() == "optional (use_history, default on)"
+    assert models["meta_embedding"].session_use().startswith("as its base (default basic: optional")
+    assert {m.session_use() for m in models.values()} >= {"always", "no", "optional (use_history, default on)"}
+
+
+def test_train_resume_override_from_the_command_line(data_dir, tmp_path, capsys):
+    cfg = _write_cfg(tmp_path / "c.yaml", data_dir, tmp_path / "run", epochs=1)
+    assert main(["train", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--resume", "--set", "epochs=2", "--set", "optim.lr=0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "optim.lr (0.001 -> 0.1)" in err
+    assert main(["train", str(cfg), "--resume-override", "--set", "epochs=2", "--set", "optim.lr=0.1"]) == 0
+    assert load_train_config(tmp_path / "run" / "config.yaml").optim.lr == 0.1
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["lr"] == 0.1 and last["resumed_with_changes"]["optim.lr"] == {"from": 0.001, "to": 0.1}

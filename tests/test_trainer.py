@@ -285,3 +285,112 @@ def test_a_strategy_config_rejects_the_plain_trainers_keys_and_bad_settings(data
     with pytest.raises(ValueError):
         TrainConfig.model_validate({"data": {"prepared": str(data_dir)},
                                     "strategy": {"name": "maml", "inner_steps": 0}})
+
+
+# --------------------------------------------------------------------------- an honest resume
+def test_resume_with_changed_settings_is_an_error_unless_overridden_then_applied_and_recorded(data_dir, tmp_path):
+    run = tmp_path / "run"
+    _train(config(data_dir, run, epochs=1, lr_decay=0.5))
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"batch_size \(64 -> 32\), optim\.lr \(0\.01 -> 0\.1\)") as e:
+        _train(config(data_dir, run, epochs=2, lr_decay=0.5, optim={"name": "adam", "lr": 0.1}, batch_size=32),
+               resume=True)
+    assert "--resume-override" in str(e.value) and str(run / "config.yaml") in str(e.value)
+    assert (run / "config.yaml").read_text() == saved  # nothing written
+    with pytest.raises(ConfigError, match="seed cannot change"):
+        cfg = config(data_dir, run, epochs=2, lr_decay=0.5, seed=7)
+        ds = PreparedDataset(data_dir)
+        fit(build_model("basic", ds.spec, hidden=[16]), ds, cfg, resume=True, resume_override=True, log=lambda s: None)
+    # epochs, progress, threads, device may change without --resume-override
+    cfg = config(data_dir, run, epochs=2, lr_decay=0.5, optim={"name": "adam", "lr": 0.1}, threads=1)
+    ds = PreparedDataset(data_dir)
+    torch.manual_seed(cfg.seed)
+    fit(build_model("basic", ds.spec, hidden=[16]), ds, cfg, resume=True, resume_override=True, log=lambda s: None)
+    assert load_train_config(run / "config.yaml").optim.lr == 0.1  # recorded as trained
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["lr"] == 0.01 and "resumed_with_changes" not in lines[0]
+    assert lines[1]["lr"] == pytest.approx(0.1 * 0.5)  # the new rate, at the schedule's position (epoch 1)
+    assert lines[1]["resumed_with_changes"] == {"optim.lr": {"from": 0.01, "to": 0.1}}
+
+
+def test_resume_removes_stale_temporaries_of_its_own_only(data_dir, tmp_path):
+    run = tmp_path / "run"
+    _train(config(data_dir, run, epochs=1))
+    stale = [run / ".best.json.a1b2c3d4.tmp", run / "checkpoints" / ".epoch_002.safetensors.zz_90xyq.tmp"]
+    for p in stale:
+        p.write_text("half-written")
+    (run / "checkpoints" / ".epoch_002.old").mkdir()
+    keep = [run / "notes.tmp", run / ".hidden.tmp", run / "mine.json.a1b2c3d4.tmp"]
+    for p in keep:
+        p.write_text("the user's")
+    _train(config(data_dir, run, epochs=2), resume=True)
+    assert not any(p.exists() for p in stale) and not (run / "checkpoints" / ".epoch_002.old").exists()
+    assert all(p.read_text() == "the user's" for p in keep)
+
+
+def test_a_torn_best_pair_is_detected_and_repaired_on_resume(data_dir, tmp_path):
+    run = tmp_path / "run"
+    _train(config(data_dir, run, epochs=2, data__valid_split=None))  # best = last epoch (2)
+    # a kill between the two renames of best: epoch 2's weights renamed in, epoch 1's JSON still there
+    good_json = (run / "best.json").read_text()
+    (run / "checkpoints" / "epoch_001.safetensors").replace(run / "best.safetensors")
+    with pytest.raises(DataError, match="SHA-256"):
+        ckpt.load_model(run / "best.safetensors")
+    (run / "checkpoints" / "epoch_001.json").unlink()  # (the copy came from here)
+    _train(config(data_dir, run, epochs=3, data__valid_split=None), resume=True)
+    model, meta = ckpt.load_model(run / "best.safetensors")  # verified again: rewritten at epoch 3
+    assert meta["epoch"] == 3 and json.loads(good_json)["epoch"] == 2
+    # and when the run is complete, resume only repairs: rewrites best from epoch 3's checkpoint
+    (run / "best.safetensors").write_bytes((run / "checkpoints" / "epoch_002.safetensors").read_bytes())
+    assert not ckpt.is_complete(run / "best")
+    _train(config(data_dir, run, epochs=3, data__valid_split=None), resume=True)
+    assert ckpt.is_complete(run / "best") and ckpt.read_meta(run / "best")["epoch"] == 3
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(monkeypatch, phase_cls, n: int) -> None:
+    """Make the ``n``-th training step of ``phase_cls`` raise, as a kill would stop the process."""
+    real, calls = phase_cls.step, {"n": 0}
+
+    def step(self, item):
+        calls["n"] += 1
+        if calls["n"] > n:
+            raise Killed
+        return real(self, item)
+
+    monkeypatch.setattr(phase_cls, "step", step)
+
+
+@pytest.mark.parametrize("name", ["plain", "two_phase"])
+def test_mid_epoch_checkpoints_resume_bit_identically(data_dir, tmp_path, monkeypatch, name):
+    from metactr.strategies.plain import _RowPhase
+    from metactr.strategies.two_phase import _TwoPhaseStep
+
+    if name == "plain":  # dropout: the torch RNG matters; 400 rows / 64 = 7 steps per epoch
+        make = lambda out: config(data_dir, out, epochs=2, checkpoint_every_steps=3,  # noqa: E731
+                                  model__params={"hidden": [16], "dropout": 0.3})
+        phase_cls = _RowPhase
+    else:  # 400 rows / 32 = 13 steps per epoch
+        make = lambda out: strategy_cfg(data_dir, out, name, checkpoint_every_steps=5)  # noqa: E731
+        phase_cls = _TwoPhaseStep
+    _, full = _train(make(tmp_path / "full"))
+    names = sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("*.json"))
+    assert names == ["epoch_001.json", "epoch_002.json"]  # mid-epoch ones are dropped when the epoch ends
+    per = 7 if name == "plain" else 13
+    kill_at = per + (4 if name == "plain" else 11)  # into epoch 2, after its checkpoint at 3 (resp. 5, 10)
+    with monkeypatch.context() as m:
+        _kill_after(m, phase_cls, kill_at)
+        with pytest.raises(Killed):
+            _train(make(tmp_path / "cut"))
+    left = ckpt.latest_checkpoint(tmp_path / "cut" / "checkpoints")
+    assert left.name == ("epoch_001_step_000003" if name == "plain" else "epoch_001_step_000010")
+    assert len(list((tmp_path / "cut" / "checkpoints").glob("*_step_*.json"))) == 1  # the newest only
+    _, resumed = _train(make(tmp_path / "cut"), resume=True)
+    for (n, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{n}: resumed run differs"
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = read(tmp_path / "full"), read(tmp_path / "cut")
+    assert [(r["epoch"], r["lr"], r["train_loss"]) for r in a] == [(r["epoch"], r["lr"], r["train_loss"]) for r in b]

@@ -31,9 +31,29 @@ def synth(out: Path = typer.Option(..., "--out", help="interaction Parquet file 
           topics: int = typer.Option(8, "--topics", help="latent dimension / number of item topics")) -> None:
     """Generate a seeded synthetic click log (latent interests that drift; logistic clicks)."""
     from metactr.data.synth import generate
+    from metactr.utils import check_out_file
 
+    out = Path(out)
+    for p, cols in ((out, SYNTH_COLUMNS), (out.with_name(out.stem + ".users.parquet"), SYNTH_USER_COLUMNS),
+                    (out.with_name(out.stem + ".items.parquet"), SYNTH_ITEM_COLUMNS)):
+        check_out_file(p, is_ours=lambda f, cols=cols: _parquet_columns(f) == cols, what="synthetic data")
     path = generate(out, n_users=users, n_items=items, n_rows=rows, seed=seed, n_topics=topics)
     typer.echo(f"wrote {rows:,} interactions to {path}")
+
+
+SYNTH_COLUMNS = ["user_id", "item_id", "timestamp", "click", "p_click"]  # what `data synth` writes
+SYNTH_USER_COLUMNS = ["user_id", "segment", "activity"]
+SYNTH_ITEM_COLUMNS = ["item_id", "topic", "popularity"]
+
+
+def _parquet_columns(path: Path) -> list[str] | None:
+    """The column names of a Parquet file, None when it is not one (then it is not ours to replace)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(path).names)
+    except Exception:  # not Parquet, unreadable: not ours
+        return None
 
 
 @app.command()
@@ -43,7 +63,8 @@ def prepare(dataset: str = typer.Option(..., "--dataset", help="ml-1m, ml-100k, 
             out: Path = typer.Option(..., "--out", help="prepared directory to write"),
             config: Path | None = typer.Option(None, "--config", help="YAML PrepareConfig"),
             set_: list[str] = typer.Option([], "--set", help="override a config key: key.path=value"),
-            force: bool = typer.Option(False, "--force", help="rebuild even when the cache is up to date"),
+            force: bool = typer.Option(False, "--force", help="rebuild even when the cache is up to date (only ever "
+                                                         "replaces metactr's own output)"),
             on_bad_rows: str | None = typer.Option(None, "--on-bad-rows",
                                                    help="error (default) or skip: drop rows with impossible values "
                                                         "(counted in meta.json); same as --set on_bad_rows=..."),

@@ -10,7 +10,8 @@ The prepared layout is the one of the RML authors' published ``ml-1m-rml`` split
     meta.json         format version, config + hash, input fingerprint, vocab sizes, counts
 
 The directory is built in a temporary folder beside ``out`` and renamed into place, so a failed
-run never leaves a half-written output. Running again with the same config and the same input
+run never leaves a half-written output. ``out`` must be absent, empty or metactr's own output (its
+``.metactr`` marker, ``utils.claim_out_dir``): a file or another directory is an error, never replaced. Running again with the same config and the same input
 files (sizes and modification times) reuses the existing directory.
 """
 
@@ -34,7 +35,7 @@ from metactr.data.sessions import repeat_mask
 from metactr.data.split import (SEASON_VOCAB, WEEKDAY_VOCAB, Log, filter_min_interactions, unique_sorted,
                                 write_metaselector, write_random, write_rml)
 from metactr.errors import ConfigError, DataError
-from metactr.utils import atomic_path, write_json_atomic
+from metactr.utils import atomic_path, check_out_dir, write_json_atomic, write_marker
 
 FORMAT_VERSION = 1
 DATASETS = ("ml-1m", "ml-100k", "movielens", "movielens-csv", "book-crossing", "avazu", "amazon", "custom",
@@ -159,6 +160,7 @@ def prepare(dataset: str, data_dir: str | Path, out: str | Path, config: Prepare
     fingerprint = input_fingerprint(dataset, data_dir, cfg)
     if not force and _cached(out, chash, fingerprint):
         return out
+    check_out_dir(out, what="prepared")  # a file or someone else's directory: an error, never replaced
     t0 = time.perf_counter()
     opts = dict(cfg.reader)
     if dataset == "custom":
@@ -171,6 +173,7 @@ def prepare(dataset: str, data_dir: str | Path, out: str | Path, config: Prepare
         meta.update({"config_hash": chash, "input_fingerprint": fingerprint,
                      "seconds": round(time.perf_counter() - t0, 3)})
         write_json_atomic(tmp / "meta.json", meta)
+        write_marker(tmp, what="prepared data")
     return out
 
 

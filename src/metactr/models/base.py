@@ -13,6 +13,7 @@ two-phase meta-learning, MAML, Meta-SGD, MetaSelector) shares one definition:
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
@@ -41,6 +42,7 @@ class CTRModel(nn.Module):
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    # reads the session (batch.hist*) with its default arguments; see ``session_use`` for what is true
     uses_history: ClassVar[bool] = False
     param_group_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {"emb": ("embedding",)}
     l2_prefixes: ClassVar[tuple[str, ...]] = ()
@@ -52,6 +54,20 @@ class CTRModel(nn.Module):
         self.logloss_weight = float(logloss_weight)
         self.l2_weight = float(l2_weight)
         self.aux_weight = float(aux_weight)
+
+    @classmethod
+    def session_use(cls) -> str:
+        """How the model reads the session, in words (``metactr models``): ``always``, ``no``,
+        ``optional (use_history=..., default on/off)`` for the models with that switch, or
+        ``as its base ...`` for a wrapper (``base=`` argument, e.g. meta_embedding)."""
+        params = inspect.signature(cls.__init__).parameters
+        flag = params.get("use_history")
+        if flag is not None and isinstance(flag.default, bool):
+            return f"optional (use_history, default {'on' if flag.default else 'off'})"
+        base = params.get("base")
+        if base is not None and isinstance(base.default, str) and base.default in _REGISTRY:
+            return f"as its base (default {base.default}: {_REGISTRY[base.default].session_use()})"
+        return "always" if cls.uses_history else "no"
 
     def forward(self, batch: Batch) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError

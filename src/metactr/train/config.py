@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from metactr.config import StrictModel, load_config
 from metactr.errors import ConfigError
@@ -97,6 +97,8 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(1024, ge=1)
     eval_batch_size: int = Field(8192, ge=1)
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    # also checkpoint every N steps within an epoch (the newest kept): --resume continues mid-epoch
+    checkpoint_every_steps: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch default
     out: str = "runs/train"
@@ -122,6 +124,51 @@ class TrainConfig(StrictModel):
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, auto, cuda or cuda:N, got '{self.device}'")
         return self
+
+
+# keys that may change on --resume without --resume-override: the run's length (to extend it), where
+# it is written and how it is watched or run; none of them changes what a step computes
+RESUME_FREE_KEYS = ("epochs", "out", "progress", "threads", "device", "tensorboard", "tracking")
+
+
+def config_changes(saved: Path, cfg: BaseModel, free: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Keys (dotted) whose value in ``cfg`` differs from the config saved at ``saved``, with both
+    values; keys in ``free`` (and below them) are left out. The saved file is compared as written
+    (``dump_config``: every key), not re-validated."""
+    from metactr.config import read_yaml
+    from metactr.train.tracking import flatten_params
+
+    old = flatten_params(read_yaml(saved))
+    new = flatten_params(cfg.model_dump(mode="json"))
+    out = {}
+    for k in sorted(set(old) | set(new), key=lambda k: (k not in new, k)):
+        if any(k == f or k.startswith(f + ".") for f in free):
+            continue
+        if old.get(k) != new.get(k):
+            out[k] = {"from": old.get(k), "to": new.get(k)}
+    return out
+
+
+def describe_changes(changes: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(f"{k} ({v['from']!r} -> {v['to']!r})" for k, v in changes.items())
+
+
+def check_resume_config(saved: Path, cfg: BaseModel, free: tuple[str, ...], override: bool) -> dict[str, dict[str, Any]]:
+    """The settings of a resumed run that differ from its saved config.yaml (``free`` aside): a
+    one-line ``ConfigError`` listing them, or with ``override`` the changes to apply and record.
+    ``seed`` never changes: the run's random state continues from its checkpoint."""
+    changes = config_changes(saved, cfg, free)
+    if not changes:
+        return {}
+    listed = describe_changes(changes)
+    if "seed" in changes:
+        raise ConfigError(f"seed cannot change on --resume (the run's random state continues from its checkpoint); "
+                          f"changed: {listed}", path=saved, field="seed")
+    if not override:
+        raise ConfigError(f"--resume with changed settings: {listed}. Resume with the run's settings (these may "
+                          f"change: {', '.join(free) or 'none'}) or pass --resume-override to apply and record them",
+                          path=saved, field=next(iter(changes)))
+    return changes
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

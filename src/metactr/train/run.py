@@ -28,7 +28,7 @@ from metactr.models.base import CTRModel, build_model
 from metactr.strategies import build_strategy
 from metactr.strategies.plain import Plain
 from metactr.train import checkpoint as ckpt
-from metactr.train.config import DataConfig, TrainConfig, expand_path
+from metactr.train.config import RESUME_FREE_KEYS, DataConfig, TrainConfig, expand_path
 from metactr.train.tracking import finite_or_none
 from metactr.train.trainer import Trainer, evaluate
 from metactr.utils import seed_everything
@@ -54,8 +54,12 @@ def load_dataset(data: DataConfig, run_out: str | Path) -> PreparedDataset:
 
 def fit(model: CTRModel, dataset: PreparedDataset, cfg: TrainConfig, *, run_dir: str | Path | None = None,
         resume: bool = False, dist: DistInfo | None = None, device: torch.device | None = None,
-        log: Logger | None = None) -> dict[str, Any]:
-    """Train ``model`` on ``dataset`` as ``cfg`` says (any strategy); return the results (also in ``run_dir``)."""
+        log: Logger | None = None, resume_override: bool = False, force: bool = False) -> dict[str, Any]:
+    """Train ``model`` on ``dataset`` as ``cfg`` says (any strategy); return the results (also in ``run_dir``).
+
+    ``run_dir`` must be absent, empty or a run of metactr's (``force``: replaced). ``resume`` with
+    settings other than the run's config.yaml (``RESUME_FREE_KEYS`` aside) is an error unless
+    ``resume_override`` (then they are applied and recorded)."""
     dist = dist or DistInfo()
     device = device or torch.device("cpu")
     run_dir = Path(run_dir or expand_path(cfg.out))
@@ -78,7 +82,8 @@ def fit(model: CTRModel, dataset: PreparedDataset, cfg: TrainConfig, *, run_dir:
                       progress=cfg.progress, log=log, tracking=cfg.tracking, tensorboard=cfg.tensorboard,
                       valid_split=valid_name, patience=cfg.early_stopping.patience,
                       min_delta=cfg.early_stopping.min_delta, eval_batch_size=cfg.eval_batch_size,
-                      checkpoint_meta=meta)
+                      checkpoint_meta=meta, checkpoint_every_steps=cfg.checkpoint_every_steps, force=force,
+                      resume_override=resume_override, resume_free_keys=RESUME_FREE_KEYS)
     gen = torch.Generator().manual_seed(cfg.seed)
     result = trainer.fit(model, dataset, data.train_split, strategy, epochs=cfg.epochs, batch_size=cfg.batch_size,
                          generator=gen, resume=resume)
@@ -96,7 +101,7 @@ def _finish(model: CTRModel, dataset: PreparedDataset, cfg: TrainConfig, run_dir
     """Reload the best weights, evaluate valid/test, write results.json and results.md."""
     best = run_dir / "best"
     if best.with_suffix(".json").is_file():
-        tensors = ckpt._read_tensors(best.with_suffix(".safetensors"))
+        tensors = ckpt.read_tensors(best, ckpt.read_meta(best))
         ckpt.load_state(model, tensors, best.with_suffix(".safetensors"))
     results: dict[str, Any] = {
         "model": model.name, "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
@@ -120,8 +125,10 @@ def _finish(model: CTRModel, dataset: PreparedDataset, cfg: TrainConfig, run_dir
 
 
 # --------------------------------------------------------------------------- the `train` command
-def run_training(cfg: TrainConfig, *, resume: bool = False, log: Logger | None = None) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, *, resume: bool = False, log: Logger | None = None, resume_override: bool = False,
+                 force: bool = False) -> dict[str, Any]:
     """Everything ``metactr train`` does: device, threads, process group, data, model, fit."""
+    resume = resume or resume_override
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -137,7 +144,8 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, log: Logger | None =
             dataset = load_dataset(cfg.data, run_dir)
         seed_everything(cfg.seed)  # same initial weights on every rank
         model = build_model(cfg.model.name, dataset.spec, **cfg.model.params)
-        return fit(model, dataset, cfg, run_dir=run_dir, resume=resume, dist=dist, device=device, log=log)
+        return fit(model, dataset, cfg, run_dir=run_dir, resume=resume, dist=dist, device=device, log=log,
+                   resume_override=resume_override, force=force)
     finally:
         shutdown(dist)
 

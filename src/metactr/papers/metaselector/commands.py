@@ -18,9 +18,10 @@ def reproduce_metaselector(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Number of seeds (0..N-1).")] = 5,
     quick: Annotated[bool, typer.Option("--quick", help="CI-sized run (few users, short training).")] = False,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML experiment config (configs/metaselector_*.yaml).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b=value.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b=value (e.g. threads=2).")] = None,
     prepared: Annotated[Optional[Path], typer.Option("--prepared", help="Use this already prepared MetaSelector split (skips the pipeline).")] = None,
     validate: Annotated[bool, typer.Option("--validate", help="Validation protocol for choosing settings: support rows play train, query rows play test, test rows are never read.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if metactr wrote it (never another directory).")] = False,
 ) -> None:
     """Reproduce MetaSelector (Luo et al., WWW 2020): Table 3, Table 1 and Figure 3."""
 
@@ -30,7 +31,7 @@ def reproduce_metaselector(
     command = "metactr reproduce metaselector " + " ".join(
         sys.argv[sys.argv.index("metaselector") + 1:] if "metaselector" in sys.argv else [])
     res = run_reproduction(dataset, data_dir, out, seeds=seeds, quick=quick, config=config, overrides=set_,
-                           prepared=prepared, validate=validate, log=log, command=command)
+                           prepared=prepared, validate=validate, log=log, command=command, force=force)
     ms = next(r for r in res["methods"] if r["method"] == "metaselector")
     best = next(r for r in res["methods"] if r["method"] == res["best_single_model"])
     print(f"best single ({best['method']}): AUC {best['auc_mean']:.4f}; MetaSelector AUC "

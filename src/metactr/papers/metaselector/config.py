@@ -121,6 +121,7 @@ class SelectorExperiment(StrictModel):
     prepare: dict[str, Any] = PField(default_factory=dict)  # extra PrepareConfig keys for the pipeline
     # where base models and selectors train and adapt (the sample-level selector stays on the CPU)
     device: str = PField("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")
+    threads: int | None = PField(None, ge=1)  # torch intra-op threads; None = torch's default
 
 
 def default_base_models() -> list[BaseModelConfig]:

@@ -162,23 +162,26 @@ def render_markdown(res: dict[str, Any]) -> str:
 def run_reproduction(dataset: str = "ml-1m", data_dir: Path | None = None, out: Path = Path("runs/metaselector"), *,
                      seeds: int = 5, quick: bool = False, config: Path | None = None,
                      overrides: list[str] | None = None, prepared: Path | None = None, validate: bool = False,
-                     log=lambda msg: None, command: str = "") -> dict[str, Any]:
+                     log=lambda msg: None, command: str = "", force: bool = False) -> dict[str, Any]:
     """Every seed of every method, aggregated; writes ``out`` (results.json/.md, the KDE plot, config)
-    and returns the results. ``log`` receives progress lines."""
+    and returns the results. ``log`` receives progress lines. ``out`` must be absent, empty or
+    metactr's own (``.metactr`` marker; ``force``: replaced, the cached split too)."""
 
     import torch
 
     from metactr.eval.report import write_run
     from metactr.eval.selector_plots import plot_user_loss_kde
     from metactr.papers.metaselector.train import SelectorData, run_seed
-    from metactr.utils import data_root
+    from metactr.utils import claim_out_dir, data_root
 
     t0 = time.perf_counter()
     if dataset not in DATASETS and prepared is None:
         raise ConfigError(f"unknown dataset '{dataset}' (choose {', '.join(DATASETS)}, or pass --prepared)",
                           field="--dataset")
     cfg = load_experiment(config, overrides, quick)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    claim_out_dir(out, force=force, what="reproduction")  # before any work: never another directory
     if prepared is None:
         raw = data_dir or (data_root() / ("ml-1m-partial" if dataset == "ml-1m" else dataset))
         prepared = prepare_split(dataset, raw, out / "prepared", cfg.prepare)

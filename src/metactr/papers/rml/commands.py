@@ -11,7 +11,7 @@ import typer
 
 from metactr.errors import ConfigError
 from metactr.eval.report import fmt_ci
-from metactr.papers.rml.reproduce import QUICK_METHODS, load_reproduce_config, run_reproduction
+from metactr.papers.rml.reproduce import QUICK_METHODS, ReproduceConfig, load_reproduce_config, run_reproduction
 
 
 def register(app: typer.Typer) -> None:
@@ -22,17 +22,23 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Path, typer.Option(help="prepared dataset dir (ml-1m-rml layout)")] = Path(
             "../shared/datasets/ml-1m-rml"),
         out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/rml"),
-        seeds: Annotated[int | None, typer.Option(help="number of seeds")] = None,
-        quick: Annotated[bool, typer.Option(help="CI mode: 2 methods, 2 seeds, a fraction of an epoch")] = False,
+        seeds: Annotated[int | None, typer.Option(
+            help="number of seeds (first_seed, first_seed+1, ...)",
+            show_default=f"{ReproduceConfig.model_fields['seeds'].default}, or the config's; 2 with --quick")] = None,
+        quick: Annotated[bool, typer.Option("--quick", help="CI mode: 2 methods, 2 seeds, a fraction of an epoch")] = False,
         methods: Annotated[str | None, typer.Option(help="comma-separated methods (rml, rml_wo_meta, "
                                                     "rml_wo_meta_att, rml_wo_meta_lstm, or a model name)")] = None,
         subsets: Annotated[str | None, typer.Option(help="comma-separated: wc,cw")] = None,
         mode: Annotated[str | None, typer.Option(help="faithful | full")] = None,
         epochs: Annotated[float | None, typer.Option(help="training epochs (all methods)")] = None,
         jobs: Annotated[int, typer.Option(help="parallel worker processes")] = 1,
-        report_only: Annotated[bool, typer.Option(help="only aggregate the jobs already finished in OUT")] = False,
+        report_only: Annotated[bool, typer.Option("--report-only",
+                                                  help="only aggregate the jobs already finished in OUT")] = False,
+        force: Annotated[bool, typer.Option("--force", help="start afresh: replace OUT if metactr wrote it (never "
+                                            "another directory); without it, finished jobs in OUT are reused")] = False,
         config: Annotated[Path | None, typer.Option(help="YAML config (configs/rml_*.yaml)")] = None,
-        set_: Annotated[list[str] | None, typer.Option("--set", help="override a config key: a.b=c")] = None,
+        set_: Annotated[list[str] | None, typer.Option("--set", help="override a config key: a.b=c (e.g. "
+                                                       "threads=2: torch threads per job)")] = None,
     ) -> None:
         """Reproduce the RML paper's ML-1M results with confidence intervals."""
         ov: list[str] = []
@@ -54,7 +60,9 @@ def register(app: typer.Typer) -> None:
         if jobs < 1:
             raise ConfigError("--jobs must be >= 1", field="jobs")
         jobs = min(jobs, os.cpu_count() or 1)
-        res = run_reproduction(data, out, cfg, jobs=jobs, echo=typer.echo, report_only=report_only)
+        if force and report_only:
+            raise ConfigError("--force would delete the jobs --report-only aggregates", field="force")
+        res = run_reproduction(data, out, cfg, jobs=jobs, echo=typer.echo, report_only=report_only, force=force)
         for r in res["rows"]:
             if r["stage"] == "finetune_c":
                 typer.echo(f"{r['method']:>18} {r['subset']} FT-C AUC {fmt_ci(r['auc_mean'], r['auc_ci95'])}"

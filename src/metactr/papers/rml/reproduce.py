@@ -3,7 +3,8 @@
 Every (method, subset, seed) is one job: (meta-)train on ``{subset}_train``, fine-tune on FT-A,
 FT-B, FT-C in turn, score the test set after each (``metactr.papers.rml.protocol``). Each finished
 job is written to ``OUT/runs/`` at once, so an interrupted run resumes where it stopped (jobs
-whose file exists with the same settings are not rerun). ``OUT/results.json`` holds one row per
+whose file exists with the same settings are not rerun; ``OUT`` must be absent, empty or an earlier
+reproduction, with its ``.metactr`` marker, and ``--force`` starts afresh). ``OUT/results.json`` holds one row per
 method x subset x stage (means and 95% intervals across seeds, per-seed values, the paper's
 numbers); ``OUT/results.md`` shows them in the layout of the paper's tables.
 """
@@ -53,6 +54,7 @@ class ReproduceConfig(StrictModel):
     strategy: StrategyDefaults = StrategyDefaults()  # shared by every method; each keeps the keys it has
     protocol: ProtocolConfig = ProtocolConfig()
     method: dict[str, MethodConfig] = {}  # per-method overrides / extra methods
+    threads: int = PField(1, ge=1)  # torch intra-op threads of each job (not part of a job's key)
 
 
 def method_config(cfg: ReproduceConfig, name: str) -> MethodConfig:
@@ -102,8 +104,8 @@ def _run_job(data: str, cfg_json: str, method: str, subset: str, seed: int, out_
     from metactr.data.prepared import PreparedDataset
     from metactr.utils import write_json_atomic
 
-    torch.set_num_threads(1)
     cfg = ReproduceConfig.model_validate_json(cfg_json)
+    torch.set_num_threads(cfg.threads)
     key = (data, cfg.max_hist_len)
     if key not in _DATASETS:
         _DATASETS[key] = PreparedDataset(data, max_hist_len=cfg.max_hist_len)
@@ -118,7 +120,11 @@ def _run_job(data: str, cfg_json: str, method: str, subset: str, seed: int, out_
 
 
 def run_reproduction(data: str | Path, out: str | Path, cfg: ReproduceConfig, *, jobs: int = 1,
-                     echo=print, report_only: bool = False) -> dict:
+                     echo=print, report_only: bool = False, force: bool = False) -> dict:
+    """Every job not finished in ``out`` (metactr's own directory, or absent/empty; ``force``: start
+    afresh), then the aggregate; ``report_only`` aggregates the finished jobs only."""
+    from metactr.utils import check_out_dir, claim_out_dir
+
     data, out = str(data), Path(out)
     if not Path(data).is_dir():
         raise DataError("prepared dataset directory not found", path=data)
@@ -129,6 +135,11 @@ def run_reproduction(data: str | Path, out: str | Path, cfg: ReproduceConfig, *,
                                 path=Path(data) / f"{s}_{st}.parquet")
     for m in cfg.methods:
         job_settings(cfg, m)  # unknown method / bad strategy -> ConfigError before any work
+    if report_only:
+        if not check_out_dir(out, what="reproduction"):
+            raise DataError("--report-only: no reproduction here to aggregate", path=out)
+    else:
+        claim_out_dir(out, force=force, what="reproduction")
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     todo, files = [], []
