@@ -139,3 +139,13 @@ def test_bad_input_one_line_exit_2(tmp_path, data_dir, capsys, case):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from metactr.train.tune_commands import _bar
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    assert _bar(True) is not None and _bar(False) is None
+    monkeypatch.setenv("CI", "true")
+    assert _bar(True) is None

@@ -57,7 +57,7 @@ def tune(cfg: TuneConfig, *, source: str | Path | None = None, out: Path | None 
     results: dict[str, Any] = {"metric": cfg.metric, "direction": direction, "trials_per_method": cfg.trials,
                                "seed": cfg.seed, "study": str(out / "study.db"), "methods": {}}
     bar = _bar(cfg.progress)
-    say = (lambda s: bar.console.print(s, highlight=False)) if bar is not None else log
+    say = (lambda s: bar.console.print(s, highlight=False, markup=False)) if bar is not None else log
     with bar if bar is not None else nullcontext():
         for index, m in enumerate(methods):
             study = open_study(m, cfg, out, index)
