@@ -5,6 +5,7 @@ traceback (set ``METACTR_DEBUG=1`` to see one). Each concern owns its commands m
 
     data ...            metactr.data.commands      (download, synth, prepare, stats)
     models/train/evaluate  metactr.train.commands
+    tune                metactr.train.tune_commands (equal-budget Optuna search on validation data)
     reproduce rml       metactr.papers.rml.reproduce
     reproduce metaselector  metactr.papers.metaselector.commands
     serve               metactr.serve.commands
@@ -39,6 +40,7 @@ def _register_all() -> None:
 
     app.add_typer(data_commands.app, name="data", help="Download, synthesize, prepare and inspect datasets.")
     train_commands.register(app)
+    __import__("metactr.train.tune_commands", fromlist=["register"]).register(app)
     rml_commands.register(reproduce_app)
     selector_commands.register(reproduce_app)
     app.add_typer(reproduce_app, name="reproduce")
