@@ -27,13 +27,16 @@ the two effects that the plain "vmap / loop" ratio mixes:
 
 RML's per-task loop (~1 task/s in issue 17) is op-count bound, not a bug: profiled here
 (``--profile``, ml-1m-rml, 8 tasks, 1 inner step, 1 thread, load average 5-9 on the shared 2-core
-Zen 4 host), a loop-func meta-step of RML makes over 7,000 operator calls per task (the top 12 rows
- of the profile alone: 115k calls for 16 tasks; its LSTM is
-unrolled step by step over the session, and second-order MAML differentiates that graph twice),
-averaging 3-100 us each: 3.97 s of CPU for 16 tasks, ~0.25 s per task, dominated by ``mul`` / ``mm`` / ``add`` and their
-backward nodes, none of them large. The loop pays that per task; vmap pays it once per meta-batch
-(3.2x there). Inner steps multiply it (``--steps 5``), which is where ~1 task/s comes from.
-``--profile`` prints the top operators of one loop-func meta-step (torch.profiler). ``--epoch`` also times one epoch of RML two-phase meta-training on ``cw_train``, with each of
+Zen 4 host), a loop-func meta-step of RML makes over 7,000 operator calls per task (the top 12
+rows of the profile alone: 115k calls for 16 tasks; its LSTM is unrolled step by step over the
+session, and second-order MAML differentiates that graph twice), averaging 3-100 us each: 3.97 s
+of CPU for 16 tasks, ~0.25 s per task, dominated by ``mul`` / ``mm`` / ``add`` and their backward
+nodes, none of them large. The loop pays that per task; vmap pays it once per meta-batch
+(3.2x there). Inner steps multiply the per-task graph (``--steps 5``: not re-measured here), and the
+issue's ~1 task/s was measured on the Zen 3 host. ``--profile`` prints the top operators of one
+loop-func meta-step (torch.profiler).
+
+``--epoch`` also times one epoch of RML two-phase meta-training on ``cw_train``, with each of
 ``--epoch-threads`` (default 1 and 2; ``reproduce rml`` runs each job on 1 thread, jobs in parallel).
 The machine's load (``os.getloadavg``) is printed with the numbers: rerun on a quiet machine.
 ``--device cuda`` (default ``cpu``) puts the model and the task batches on the GPU and stops each

@@ -54,9 +54,12 @@ def test_explicit_values_pass_through_quietly():
     assert _resolve("fp32", AVX2) == ("fp32", [], [])
 
 
-def test_cuda_follows_bf16_support():
-    assert _resolve("auto", AVX2, device="cuda", cuda=True)[0] == "bf16"
-    assert _resolve("auto", AVX512_BF16, device="cuda:0", cuda=False)[0] == "fp32"
+def test_cuda_auto_is_fp32_and_explicit_bf16_warns_only_without_support():
+    got, notes, warns = _resolve("auto", AVX512_BF16, device="cuda", cuda=True)  # the CPU's flags don't count
+    assert got == "fp32" and warns == [] and "measured no faster" in notes[0]
+    assert _resolve("bf16", AVX2, device="cuda:0", cuda=True) == ("bf16", [], [])
+    got, _, warns = _resolve("bf16", AVX512_BF16, device="cuda:0", cuda=False)
+    assert got == "bf16" and len(warns) == 1
 
 
 def test_bad_value():
