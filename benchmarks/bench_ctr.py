@@ -24,6 +24,11 @@ test set with batch 1024 (one pass is well under a second: a scheduling hiccup h
 bfloat16 autocast (``metactr.engine.precision``); DeepCTR-Torch has no mixed precision and runs
 fp32. The report records each side's precision.
 
+Each DeepFM round also measures the ``limit`` row (``run_limit``, skipped with ``--no-limit``): the
+bare MLP forward + backward at DeepFM's MLP shapes (144 -> 256 -> 128 -> 1, batch 1024, same threads
+and precision, best of 3 blocks of 200 steps), and the report gives our DeepFM training as a
+fraction of it. The JSON's ``machine`` block (``benchmarks/machine.py``) names the host.
+
 ``--device cuda`` (default ``cpu``) runs both libraries on the GPU: our model and batches on the
 device (the one ``Trainer``'s loop, plain strategy), DeepCTR-Torch with ``device='cuda:0'``; the clocks stop
 after ``torch.cuda.synchronize()``, and each worker also reports its peak GPU memory. A
