@@ -112,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"A/B time ratio per pair: median {statistics.median(ratios):.3f} (> 1: B is faster)  "
           f"{[round(r, 2) for r in ratios]}")
     if args.out:
+        from machine import machine  # benchmarks/machine.py
         from metactr.utils import write_json_atomic
 
         write_json_atomic(args.out, {"command": "python benchmarks/ab_step.py " + " ".join(sys.argv[1:]),
                                      "data": str(args.data), "model": args.model, "compare": args.compare,
                                      "variants": dict(zip("AB", names, strict=True)), "predict": args.predict,
-                                     "ms": times, "ratio_median": statistics.median(ratios), "ratios": ratios})
+                                     "ms": times, "machine": machine(), "ratio_median": statistics.median(ratios), "ratios": ratios})
     return 0
 
 

@@ -13,11 +13,30 @@ tables). Implementations of the same meta-gradient:
 * ``vmap-dense`` the same with ``local_tables=False``: every task looks up (and, with
                 ``--adapt-emb``, adapts) the full tables, so each lookup's gradient is ``[T, V, D]``;
 * ``loop-func`` ``maml_outer_loss(vectorize=False, local_tables=False)``: torch.func, one task at a time;
-* ``loop-l2l``  the way learn2learn/most reference code does it: per task, ``torch.autograd.grad``
-                with ``create_graph=True`` on the module's parameters, query loss backward, summed.
+* ``loop-l2l-style`` a learn2learn-STYLE re-implementation (not the learn2learn package, which is
+                not installed): per task, ``torch.autograd.grad`` with ``create_graph=True`` on the
+                module's parameters, query loss backward, summed, the way learn2learn's examples and
+                most reference code do it.
 
-Reported: tasks/s (median of ``--reps`` timed meta-steps after a warm-up) and the vmap speed-up
-over each loop. ``--epoch`` also times one epoch of RML two-phase meta-training on ``cw_train``, with each of
+Reported: tasks/s (median of ``--reps`` timed meta-steps after a warm-up) and, as separate rows,
+the two effects that the plain "vmap / loop" ratio mixes:
+
+* **vectorisation** = ``vmap-dense / loop-func``: same dense tables, vmap instead of a loop;
+* **task-local tables** = ``vmap / vmap-dense``: same vmap, each task's tables cut to its rows;
+* and ``vmap / loop-l2l-style`` (both effects, against the reference-style loop).
+
+RML's per-task loop (~1 task/s in issue 17) is op-count bound, not a bug: profiled here
+(``--profile``, ml-1m-rml, 8 tasks, 1 inner step, 1 thread, load average 5-9 on the shared 2-core
+Zen 4 host), a loop-func meta-step of RML makes over 7,000 operator calls per task (the top 12
+rows of the profile alone: 115k calls for 16 tasks; its LSTM is unrolled step by step over the
+session, and second-order MAML differentiates that graph twice), averaging 3-100 us each: 3.97 s
+of CPU for 16 tasks, ~0.25 s per task, dominated by ``mul`` / ``mm`` / ``add`` and their backward
+nodes, none of them large. The loop pays that per task; vmap pays it once per meta-batch
+(3.2x there). Inner steps multiply the per-task graph (``--steps 5``: not re-measured here), and the
+issue's ~1 task/s was measured on the Zen 3 host. ``--profile`` prints the top operators of one
+loop-func meta-step (torch.profiler).
+
+``--epoch`` also times one epoch of RML two-phase meta-training on ``cw_train``, with each of
 ``--epoch-threads`` (default 1 and 2; ``reproduce rml`` runs each job on 1 thread, jobs in parallel).
 The machine's load (``os.getloadavg``) is printed with the numbers: rerun on a quiet machine.
 ``--device cuda`` (default ``cpu``) puts the model and the task batches on the GPU and stops each
@@ -40,8 +59,14 @@ from torch import Tensor
 from metactr.data.prepared import PreparedDataset
 from metactr.data.tasks import UserTaskSampler
 from metactr.engine.functional import live_params, maml_outer_loss
-from metactr.strategies.base import StrategyConfig, train
 from metactr.models.base import build_model, objective
+from metactr.strategies.config import strategy_config
+from metactr.train.trainer import train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
+
+IMPLS = ("vmap", "vmap-dense", "loop-func", "loop-l2l-style")
 
 
 def adapted_names(model, adapt_emb: bool = False) -> list[str]:
@@ -80,7 +105,7 @@ def time_impl(model, tbs, names, steps, impl: str, reps: int, device: torch.devi
     for i, tb in enumerate(tbs[: reps + 1]):
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        if impl == "loop-l2l":
+        if impl == "loop-l2l-style":
             l2l_loop_loss(model, tb, names, lr, steps)
         else:
             loss = maml_outer_loss(model, live_params(model), tb.support, tb.query, names=names, lr=lr, steps=steps,
@@ -104,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--query", type=int, default=10)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--impls", default="vmap,loop-func,loop-l2l",
-                    help="comma-separated subset of vmap,vmap-dense,loop-func,loop-l2l")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    ap.add_argument("--profile", action="store_true", help="print the top operators of one loop-func meta-step")
+    ap.add_argument("--epoch-batch-size", type=int, default=128)
     ap.add_argument("--adapt-emb", action="store_true", help="adapt the embedding group (emb) too")
     ap.add_argument("--epoch", action="store_true", help="also time one epoch of RML two-phase on --split")
     ap.add_argument("--epoch-fraction", type=float, default=1.0)
@@ -133,38 +159,48 @@ def main(argv: list[str] | None = None) -> int:
             break
     report: dict = {"command": " ".join(sys.argv), "model_kw": json.loads(args.model_kw), "threads": args.threads,
                     "adapt_emb": args.adapt_emb, "load_before": os.getloadavg(), "device": args.device,
+                    "machine": machine(),
                     "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "tasks": args.tasks, "support": args.support, "query": args.query, "results": []}
-    impls = args.impls.split(",")
-    unknown = [i for i in impls if i not in ("vmap", "vmap-dense", "loop-func", "loop-l2l")]
+    impls = [i.replace("loop-l2l", "loop-l2l-style") if i == "loop-l2l" else i for i in args.impls.split(",")]
+    unknown = [i for i in impls if i not in IMPLS]
     if unknown:
         ap.error(f"unknown implementation(s) {unknown}")
     print(f"load average before: {os.getloadavg()}; threads={args.threads}")
     print(f"{'model':8} {'steps':>5} " + " ".join(f"{i:>12}" for i in impls)
-          + "   speed-up (vmap / each; dense vmap / loops)")
+          + "   vectorisation (vmap-dense/loop-func) | task-local tables (vmap/vmap-dense) | vmap/loop-l2l-style")
     for name in args.models.split(","):
         model = build_model(name, ds.spec, **json.loads(args.model_kw).get(name, {})).to(device)
         model.train()
         names = adapted_names(model, args.adapt_emb)
         for steps in [int(s) for s in args.steps.split(",")]:
             tps = {impl: time_impl(model, tbs, names, steps, impl, args.reps, device) for impl in impls}
-            ratios = {k: tps["vmap"] / v for k, v in tps.items() if k != "vmap" and "vmap" in tps}
-            if "vmap-dense" in tps:
-                ratios.update({f"{k} (dense vmap)": tps["vmap-dense"] / v for k, v in tps.items()
-                               if k.startswith("loop")})
+            ratios = {}
+            if "vmap-dense" in tps and "loop-func" in tps:
+                ratios["vectorisation"] = tps["vmap-dense"] / tps["loop-func"]
+            if "vmap" in tps and "vmap-dense" in tps:
+                ratios["task_local_tables"] = tps["vmap"] / tps["vmap-dense"]
+            if "vmap" in tps and "loop-l2l-style" in tps:
+                ratios["vmap_over_l2l_style_loop"] = tps["vmap"] / tps["loop-l2l-style"]
             report["results"].append({"model": name, "inner_steps": steps, "adapted": len(names),
                                       "tasks_per_s": tps, "speedup": ratios})
             print(f"{name:8} {steps:>5} " + " ".join(f"{tps[i]:>12.1f}" for i in impls) + "   "
                   + ", ".join(f"{k}: {v:.2f}x" for k, v in ratios.items()), flush=True)
+            if args.profile and steps == 1:
+                from torch.profiler import profile
+
+                with profile() as prof:
+                    time_impl(model, tbs[:2], names, steps, "loop-func", 1, device)
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     if args.epoch:
         n = int(len(ds.split(args.split)) * args.epoch_fraction)
         report["epoch"] = []
         for threads in [int(t) for t in args.epoch_threads.split(",")]:
             torch.set_num_threads(threads)
             model = build_model("rml", ds.spec)
-            cfg = StrategyConfig(name="two_phase", epochs=args.epoch_fraction)
             t0 = time.perf_counter()
-            train(model, ds, args.split, cfg, seed=0)
+            train(model, ds, args.split, strategy_config("two_phase"), epochs=args.epoch_fraction,
+                  batch_size=args.epoch_batch_size, seed=0)
             wall = time.perf_counter() - t0
             report["epoch"].append({"split": args.split, "threads": threads, "fraction": args.epoch_fraction,
                                     "rows": n, "wall_s": wall, "epoch_s_extrapolated": wall / args.epoch_fraction})
@@ -172,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"in {wall:.1f} s -> {wall / args.epoch_fraction:.1f} s per epoch", flush=True)
     report["load_after"] = os.getloadavg()
     print(f"load average after: {os.getloadavg()}")
+    report["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
     if args.out:
-        with open(args.out, "w") as f:
+        with open(args.out + ".tmp", "w") as f:
             json.dump(report, f, indent=2)
+        os.replace(args.out + ".tmp", args.out)
     return 0
 
 

@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -115,7 +118,7 @@ def main() -> int:
         if "vmap" in val and "vmap_dense" in val:
             report[f"{key}speedup_local_over_dense_vmap"] = round(val["vmap"] / val["vmap_dense"], 2)
     report.update({"table_rows": table_rows(data, bases, args), "target": 4.0, "loadavg_before": load_before,
-                   "loadavg_after": os.getloadavg(), "command": " ".join([sys.executable, *sys.argv])})
+                   "loadavg_after": os.getloadavg(), "machine": machine(), "command": " ".join([sys.executable, *sys.argv])})
     print(json.dumps(report))
     return 0
 

@@ -51,7 +51,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -59,6 +58,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {"ml-100k": ROOT / "configs" / "deepfm_ml100k.yaml",
@@ -461,8 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "dnn_init": args.dnn_init, "deepctr_loss_reduction": args.deepctr_loss,
         "epoch_rule": "each library's first best validation-AUC epoch; test metrics at that epoch",
         "seeds": seeds, "threads": args.threads, "reused_from_main_entry": reused,
-        "machine": {"cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
-                    "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(affinity_cpus=sorted(os.sched_getaffinity(0))),
         "wall_s": {"prepare_export": prep_s, "runs": time.perf_counter() - t_start},
         "summary": summary, "runs": runs,
     }

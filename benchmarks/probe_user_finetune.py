@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{b.name:7s} {steps} step(s), rate {rate:<6g}  AUC {rows[-1]['auc']:.4f}  LogLoss "
                   f"{rows[-1]['logloss']:.5f}  ({time.perf_counter() - t0:.0f}s)", flush=True)
     if args.out:
-        write_json_atomic(args.out, {"command": " ".join(sys.argv), "seed": args.seed, "params": args.params,
+        from machine import machine  # benchmarks/machine.py
+
+        write_json_atomic(args.out, {"command": " ".join(sys.argv), "machine": machine(), "seed": args.seed, "params": args.params,
                                      "validate": args.validate, "max_users": args.max_users,
                                      "support": args.support, "rows": rows})
     return 0

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import socket
 import subprocess
@@ -40,13 +39,9 @@ import polars as pl
 
 
 def machine() -> dict:
-    import torch
+    from machine import machine as host  # benchmarks/machine.py: the block every benchmark JSON carries
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "nproc": os.cpu_count(), "loadavg": list(os.getloadavg()), "python": platform.python_version(),
-            "torch": torch.__version__, "httpx": httpx.__version__}
+    return host(httpx=httpx.__version__)
 
 
 def free_port() -> int:

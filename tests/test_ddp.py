@@ -35,6 +35,7 @@ def _cfg(data_dir, out, strategy: str = "plain") -> TrainConfig:
     return TrainConfig.model_validate({
         "data": {"prepared": str(data_dir)}, "model": {"name": model, "params": params}, **extra,
         "epochs": 2, "batch_size": 31, "seed": 3, "threads": 1,
+        "precision": "fp32",  # exact DDP == one process needs fp32 (auto is bf16 on AVX512_BF16 hosts)
         "out": str(out), "progress": False, "tensorboard": False, "early_stopping": {"patience": None}})
 
 

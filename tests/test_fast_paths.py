@@ -69,3 +69,22 @@ def test_packed_split_subset_equals_column_subset():
         a, b = plain.subset(idx), packed.subset(idx)
         for name in cols:
             torch.testing.assert_close(getattr(b, name), getattr(a, name))
+
+
+def test_arrow_helpers_equal_pyarrow():
+    """data.sessions.arrow / numpy_of (no pandas import) give exactly pyarrow's arrays."""
+    import numpy as np
+    import pyarrow as pa
+
+    from metactr.data.sessions import arrow, numpy_of
+
+    rng = np.random.default_rng(0)
+    for a in (rng.integers(-5, 5, 37).astype(np.int8), rng.integers(0, 9, 37).astype(np.int32),
+              rng.integers(0, 2**40, 37), rng.random(37), rng.random(37) < 0.3, np.zeros(0, np.int32),
+              rng.integers(0, 9, 40).astype(np.int32)[::3]):
+        got = arrow(a)
+        assert got.type == pa.array(a).type and got.equals(pa.array(a))
+    lists = pa.ListArray.from_arrays(arrow(np.array([0, 2, 2, 5], np.int32)), arrow(np.arange(5, dtype=np.int32)))
+    sub = lists.filter(arrow(np.array([False, True, True])))
+    np.testing.assert_array_equal(numpy_of(sub.flatten()), [2, 3, 4])
+    np.testing.assert_array_equal(numpy_of(pa.array([1, None, 3])), pa.array([1, None, 3]).to_numpy(zero_copy_only=False))

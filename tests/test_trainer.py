@@ -123,7 +123,8 @@ def test_save_load_gives_identical_predictions(data_dir, tmp_path):
 @pytest.mark.parametrize("model_name", ["basic", "deepfm"])
 def test_bf16_precision_trains_in_fp32_state_and_evaluates_as_trained(data_dir, tmp_path, model_name):
     params = {"hidden": [16]}
-    fp32, m32 = _train(config(data_dir, tmp_path / "fp32", epochs=2, model__name=model_name, model__params=params))
+    fp32, m32 = _train(config(data_dir, tmp_path / "fp32", epochs=2, model__name=model_name, model__params=params,
+                              precision="fp32"))  # explicit: the default, auto, is bf16 on AVX512_BF16 hosts
     bf16, m16 = _train(config(data_dir, tmp_path / "bf16", epochs=2, model__name=model_name, model__params=params,
                               precision="bf16"))
     # the weights, their gradients' accumulation and the optimizer stay float32; only matmuls round

@@ -69,7 +69,9 @@ class Vocab:
             flat = pl.Series(arr.flatten())
             codes = self.encode(flat).to_numpy() if len(flat) else np.zeros(0, np.int32)
             offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-            out = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(codes, type=pa.int32()))
+            from metactr.data.sessions import arrow  # pa.array without its pandas import
+
+            out = pa.LargeListArray.from_arrays(arrow(offsets), arrow(np.asarray(codes, dtype=np.int32)))
             return pl.Series(s.name, out).cast(pl.List(CODE_DTYPE))
         s = self._coerce(s)
         if s.dtype.is_integer() and len(self.raw) and len(s) > 100_000:

@@ -39,7 +39,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from metactr.data.sessions import build_samples, positions, target_mask
+from metactr.data.sessions import arrow, build_samples, numpy_of, positions, target_mask
 from metactr.errors import DataError
 
 RML_PARTS = ("train", "finetune_a", "finetune_b", "finetune_c", "test")  # the RML protocol's splits per subset
@@ -114,19 +114,19 @@ class SplitSink:
         if not sel.any():
             return
         idx = s.target_idx[sel]
-        sel_pa = pa.array(sel)
+        sel_pa = arrow(sel)  # arrow(): pa.array without pyarrow's pandas import (issue 17)
         hist_items = s.hist_items.filter(sel_pa)
         cols = {
-            "user_id": pa.array(log.user[idx]),
+            "user_id": arrow(log.user[idx]),
             "hist_item_ids": hist_items,
             "hist_labels": s.hist_labels.filter(sel_pa),
-            "target_item_id": pa.array(log.item[idx]),
-            "label": pa.array(log.label[idx]),
+            "target_item_id": arrow(log.item[idx]),
+            "label": arrow(log.label[idx]),
         }
         if self.context:
             wd, se = context_codes(log.timestamp[idx], log.has_time)
-            cols["ctx_weekday"], cols["ctx_season"] = pa.array(wd), pa.array(se)
-        cols["timestamp"] = pa.array(log.timestamp[idx])
+            cols["ctx_weekday"], cols["ctx_season"] = arrow(wd), arrow(se)
+        cols["timestamp"] = arrow(log.timestamp[idx])
         self.writers[name].write_table(pa.Table.from_arrays([cols[f.name] for f in self.schema], schema=self.schema))
         c = self.counts[name]
         c.rows += len(idx)
@@ -134,7 +134,7 @@ class SplitSink:
         u = log.user[idx]  # sorted by user within a chunk, and chunks never split a user
         c.users += int(np.count_nonzero(u[1:] != u[:-1])) + 1
         c.items_seen[log.item[idx]] = True
-        flat = hist_items.flatten().to_numpy(zero_copy_only=False)
+        flat = numpy_of(hist_items.flatten())
         c.items_seen[flat] = True
 
     def close(self) -> dict[str, dict]:

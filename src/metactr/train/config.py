@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from metactr.config import StrictModel, load_config
 from metactr.errors import ConfigError
-from metactr.engine.precision import Precision
+from metactr.engine.precision import Precision, resolve_precision
 from metactr.strategies.config import StrategyConfig
 from metactr.train.tracking import TrackingConfig
 from metactr.utils import data_root
@@ -103,7 +103,9 @@ class TrainConfig(StrictModel):
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch default
     out: str = "runs/train"
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    precision: Precision = "fp32"  # bf16: forward under torch.autocast (train.precision)
+    # auto: bf16 where the device runs it natively, else fp32 (resolved when the config is loaded,
+    # engine.precision.resolve_precision); bf16: forward under torch.autocast
+    precision: Precision = "auto"
     progress: bool = True  # Rich bar (also off when stderr is not a TTY or $CI is set)
     tensorboard: bool = True  # when the tensorboard package is installed
     tracking: TrackingConfig = TrackingConfig()  # extra backends (tensorboard, mlflow), requested explicitly
@@ -118,11 +120,20 @@ class TrainConfig(StrictModel):
             if mixed:
                 raise ValueError(f"{', '.join(mixed)} configure training without a 'strategy:'; strategy "
                                  f"'{self.strategy.name}' takes its rates from strategy.lr / strategy.decay")
-            if self.precision != "fp32" and self.strategy.name != "two_phase":
+            if self.precision == "bf16" and self.strategy.name != "two_phase":
                 raise ValueError(f"precision {self.precision} is supported by the plain and two_phase "
                                  "strategies only")
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, auto, cuda or cuda:N, got '{self.device}'")
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_precision(self) -> TrainConfig:
+        """``auto`` becomes what the run uses (and records): fp32 for the strategies without bf16."""
+        if self.precision == "auto" and self.strategy is not None and self.strategy.name != "two_phase":
+            self.__dict__["precision"] = "fp32"  # not an assignment: validate_assignment would re-enter
+        elif self.precision != "fp32":
+            self.__dict__["precision"] = resolve_precision(self.precision, self.device)
         return self
 
 
