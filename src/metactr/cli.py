@@ -7,6 +7,7 @@ traceback (set ``METACTR_DEBUG=1`` to see one). Each concern owns its commands m
     models/train/evaluate  metactr.train.commands
     reproduce rml       metactr.papers.rml.reproduce
     reproduce metaselector  metactr.papers.metaselector.commands
+    bench               metactr.papers.bench.commands
     serve               metactr.serve.commands
 """
 
@@ -44,6 +45,7 @@ def _register_all() -> None:
     app.add_typer(reproduce_app, name="reproduce")
     serve_commands.register(app)
     register_demo(app)
+    __import__("metactr.papers.bench.commands", fromlist=["register"]).register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
