@@ -26,8 +26,8 @@ def quick_config(out: Path) -> dict:
     toy = out / "data" / "toy" / "prepared"
     if not (toy / "wc_test.parquet").is_file():
         write_toy_rml_dataset(toy, n_users=80, rows_per_user=14, seed=0)
-    return {"protocol": "rml", "seeds": 2, "n_boot": 200, "batch_rows": 32, "methods": QUICK_METHODS,
-            "datasets": [{"name": "synthetic-quick", "synth": {"n_users": 300, "n_items": 200, "n_rows": 20000, "seed": 7},
+    return {"protocol": "rml", "seeds": 2, "n_boot": 200, "batch_rows": 16, "methods": QUICK_METHODS,
+            "datasets": [{"name": "synthetic-quick", "synth": {"n_users": 400, "n_items": 200, "n_rows": 40000, "seed": 7},
                           "prepare": {"protocol": "rml", "seed": 7, "session": {"max_len": 10},
                                       "rml": {"holdout": "future"}}},
                          {"name": "toy", "prepared": str(toy)}],

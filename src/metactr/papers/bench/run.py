@@ -10,6 +10,7 @@ k-th run on every split: the intervals then also cover which users and items wer
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -48,7 +49,8 @@ def run_jobs(cfg: BenchConfig, jobs: list[Job], runs: Path, methods: list[str], 
             execute(cfg_json, j, str(runs), methods)
             echo(f"done {j.name} ({time.perf_counter() - t0:.0f} s)")
     else:
-        with ProcessPoolExecutor(max_workers=n_workers) as pool:
+        # spawn, not fork: the parent has run Polars (and torch) thread pools, which a fork can deadlock
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futs = [pool.submit(execute, cfg_json, j, str(runs), methods) for j in todo]
             for f in as_completed(futs):
                 echo(f"done {f.result()} ({time.perf_counter() - t0:.0f} s)")
@@ -178,6 +180,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, jobs: int = 1, echo=print, r
     res["n_jobs"] = len(all_jobs)
     res["command"] = command
     res["seeds"] = cfg.seeds
+    res["batch_rows"] = cfg.batch_rows
     res["split_seeds"] = cfg.split_seeds
     stats = {}
     for e in entries:
