@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +168,25 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
     code, err = _err(capsys, "bench", "--config", str(cfg), "--out", str(tmp_path / "o"))
     assert code == 2 and "dataset" in err
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_metaselector_protocol_on_the_toy(tmp_path):
+    from metactr.data.toy import write_toy_selector_dataset
+
+    prep = tmp_path / "prepared"
+    write_toy_selector_dataset(prep, n_users=30)
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(f"protocol: metaselector\ndatasets: [{{name: mstoy, prepared: {prep}}}]\nseeds: 1\nn_boot: 100\n"
+                   "batch_rows: 16\nmetaselector: {max_users: 30, pretrain: {epochs: 1}, meta: {episodes: 4, "
+                   "test_chunk: 32, test_max_support: 64}, sample_selector: {epochs: 1, hidden: [16]}, "
+                   "selector: {hidden: [16]}}\n")
+    assert cli.main(["bench", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    methods = {r["method"] for r in res["rows"]}
+    assert methods == {"lr", "fm", "ffm", "deepfm", "perfect_sample", "perfect_user", "sample_selector",
+                       "metaselector", "metaselector_simplified"}
+    assert all(r["subset"] is None and r["stage"] == "test" for r in res["rows"])
+    # the reference is the best base model, not an oracle
+    ref = res["pairs"][0]["reference"]
+    assert ref in ("lr", "fm", "ffm", "deepfm")
+    assert "per-user loss KDE" in (tmp_path / "o" / "report.html").read_text()

@@ -77,6 +77,8 @@ def _groups(cfg: BenchConfig, entries, jobs, runs: Path, methods: list[str]):
                 ys.append(first["y"])
                 us.append(first["user"].astype(np.int64) + k * USER_STRIDE)
                 b = bayes_probs(e, f"{sub}_test" if sub else "ms_test")
+                if b is not None and len(b) != len(first["y"]):  # (a max_users subset: rows do not line up)
+                    b = None
                 bayes.append(b)
                 for j, arr in got:
                     for key, p in arr.items():
