@@ -17,7 +17,7 @@ from pydantic import model_validator
 from metactr.config import StrictModel, load_config
 from metactr.errors import ConfigError
 from metactr.papers.rml.protocol import ProtocolConfig
-from metactr.papers.rml.reproduce import ABLATIONS, META_BASELINES, MethodConfig
+from metactr.papers.rml.reproduce import ABLATIONS, META_BASELINES, MethodConfig, ReproduceConfig, job_settings
 from metactr.strategies.config import StrategyDefaults
 
 SIMPLE = ("popularity", "rates_lr")
@@ -119,8 +119,6 @@ def check_methods(cfg: BenchConfig) -> list[str]:
     if len(set(methods)) != len(methods):
         raise ConfigError(f"methods repeat: {methods}", field="methods")
     if cfg.protocol == "rml":
-        from metactr.papers.bench.jobs import rml_settings
-
         for m in methods:
             rml_settings(cfg, m)
     else:
@@ -134,6 +132,16 @@ def check_methods(cfg: BenchConfig) -> list[str]:
             raise ConfigError(f"'{key}' is not among the methods", field="reference" if key == cfg.reference
                               else "baselines")
     return methods
+
+
+def rml_settings(cfg: BenchConfig, method: str) -> tuple[str, dict, Any, float, int]:
+    """(model, keyword arguments, strategy config, epochs, batch size) of an rml-protocol method."""
+    extra = dict(cfg.rml.method)
+    if method in SIMPLE and method not in extra:
+        extra[method] = MethodConfig(model=method, strategy="plain", strategy_kw=SIMPLE_KW)
+    rc = ReproduceConfig(methods=[method], strategy=cfg.rml.strategy, protocol=cfg.rml.protocol, method=extra,
+                         max_hist_len=cfg.rml.max_hist_len)
+    return job_settings(rc, method)
 
 
 def load_bench_config(path, overrides: list[str] | None = None) -> BenchConfig:

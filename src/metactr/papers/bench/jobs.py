@@ -15,11 +15,10 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from metactr.papers.bench.config import SIMPLE, SIMPLE_KW, BenchConfig
+from metactr.papers.bench.config import BenchConfig, rml_settings
 from metactr.papers.rml.protocol import FT_STAGES
 
 STAGES = ("before", *FT_STAGES)
@@ -38,18 +37,6 @@ class Job:
     def name(self) -> str:
         split = "" if self.split_seed is None else f"__split{self.split_seed}"
         return f"{self.dataset}{split}__{self.method}__{self.subset or 'all'}__seed{self.seed}"
-
-
-def rml_settings(cfg: BenchConfig, method: str) -> tuple[str, dict, Any, float, int]:
-    """(model, keyword arguments, strategy config, epochs, batch size) of an rml-protocol method."""
-    from metactr.papers.rml.reproduce import MethodConfig, ReproduceConfig, job_settings
-
-    extra = dict(cfg.rml.method)
-    if method in SIMPLE and method not in extra:
-        extra[method] = MethodConfig(model=method, strategy="plain", strategy_kw=SIMPLE_KW)
-    rc = ReproduceConfig(methods=[method], strategy=cfg.rml.strategy, protocol=cfg.rml.protocol, method=extra,
-                         max_hist_len=cfg.rml.max_hist_len)
-    return job_settings(rc, method)
 
 
 def _data_id(prepared: str) -> str:
