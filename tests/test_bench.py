@@ -26,7 +26,7 @@ def quick(tmp_path_factory):
 
 
 def test_quick_results_json(quick):
-    res = json.loads((quick / "results.json").read_text())
+    res = json.loads((quick / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert set(res) >= {"rows", "pairs"}
     assert res["rows"] and res["pairs"]
     for r in res["rows"]:

@@ -41,7 +41,7 @@ def stats_step(prepared: Path) -> list[dict]:
     return print_stats(prepared)
 
 
-def bench_config(prepared: Path, *, seeds: int = 2, epochs: float = 1.0, methods=None):
+def bench_config(prepared: Path, *, seeds: int = 2, epochs: float = 3.0, methods=None):
     from metactr.papers.bench.config import BenchConfig
 
     return BenchConfig.model_validate({

@@ -98,5 +98,5 @@ def register(app: typer.Typer) -> None:
         res = run_bench(cfg, out, jobs=min(jobs, os.cpu_count() or 1), echo=typer.echo, report_only=report_only,
                         command="metactr " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         print_leaderboard(res)
-        typer.echo(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and {out / 'report.html'} "
-                   f"(wall {res['wall_s']} s)")
+        wall = "aggregated only" if res["wall_s"] is None else f"wall {res['wall_s']} s"
+        typer.echo(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and {out / 'report.html'} ({wall})")
