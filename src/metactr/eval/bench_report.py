@@ -81,8 +81,9 @@ def render_markdown(res: dict) -> str:
             ref = next((p["reference"] for p in res["pairs"] if p["dataset"] == name and p["subset"] == sub), "–")
             head = (f"### {sub.upper()} " if sub else "### ") + (
                 f"after {STAGE_LABELS.get(final, final)}" if final != "test" else "test")
-            lines += [head, "", f"{rows[0]['n_test']:,} test rows, {rows[0]['n_users']:,} users; reference "
-                      f"`{ref}`.", "", table, ""]
+            seeds = sorted({r["seeds"] for r in rows if not r.get("upper_bound")})
+            lines += [head, "", f"{rows[0]['n_test']:,} test rows, {rows[0]['n_users']:,} users; seeds per method: "
+                      f"{'/'.join(map(str, seeds))}; reference `{ref}`.", "", table, ""]
         stages = [s for s in STAGE_LABELS if any(r["dataset"] == name and r["stage"] == s for r in res["rows"])]
         if len(stages) > 1:
             lines += ["### AUC across fine-tuning stages", ""]
