@@ -8,6 +8,7 @@ traceback (set ``METACTR_DEBUG=1`` to see one). Each concern owns its commands m
     tune                metactr.train.tune_commands (equal-budget Optuna search on validation data)
     reproduce rml       metactr.papers.rml.reproduce
     reproduce metaselector  metactr.papers.metaselector.commands
+    bench               metactr.papers.bench.commands
     serve               metactr.serve.commands
 """
 
@@ -46,6 +47,7 @@ def _register_all() -> None:
     app.add_typer(reproduce_app, name="reproduce")
     serve_commands.register(app)
     register_demo(app)
+    __import__("metactr.papers.bench.commands", fromlist=["register"]).register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,12 @@
-"""``metactr demo``: the README's first command.
+"""``metactr demo``: the README's first command, and the main job in small: a benchmark.
 
-Four small steps, each a function: synthesize a seeded click log with drifting interests ->
-prepare it with the RML generalized cold-start protocol -> print its statistics -> meta-train RML
-(two-phase) on each subset, fine-tune on FT-A, FT-B, FT-C in turn and score the test set after
-each. Sized to run in about a minute on two cores.
+Synthesize a seeded click log with drifting interests (the generator keeps each click's true
+probability) -> prepare it with the RML generalized cold-start protocol and the powered
+``future`` holdout -> print its statistics -> ``metactr bench`` on it: the simple baselines, a
+plain deep model and RML with and without meta-learning, two seeds, every model fine-tuned on
+FT-A, FT-B, FT-C -> the leaderboard with 95% intervals (seeds x test users), the paired
+differences against the strongest simple baseline, the Bayes ceiling and the report's path.
+Sized to run in a few minutes on two cores.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 import typer
 
 DEMO_USERS, DEMO_ITEMS, DEMO_ROWS, DEMO_SEED = 1200, 600, 120_000, 7
+DEMO_METHODS = ["popularity", "rates_lr", "basic", "din", "rml_wo_meta", "rml"]
 
 
 def synthesize_step(out: Path) -> Path:
@@ -27,7 +31,8 @@ def synthesize_step(out: Path) -> Path:
 def prepare_step(raw: Path, out: Path) -> Path:
     from metactr.data.pipeline import PrepareConfig, prepare
 
-    return prepare("synthetic", raw, out / "prepared", PrepareConfig(protocol="rml", seed=DEMO_SEED))
+    cfg = PrepareConfig(protocol="rml", seed=DEMO_SEED, rml={"holdout": "future"})
+    return prepare("synthetic", raw, out / "prepared", cfg)
 
 
 def stats_step(prepared: Path) -> list[dict]:
@@ -36,58 +41,48 @@ def stats_step(prepared: Path) -> list[dict]:
     return print_stats(prepared)
 
 
-def rml_step(prepared: Path, out: Path, *, epochs: float = 2.0, seed: int = DEMO_SEED) -> list[dict]:
-    """Meta-train RML with the paper's two-phase strategy on WC and CW, then the FT-A/B/C protocol.
+def bench_config(prepared: Path, *, seeds: int = 2, epochs: float = 3.0, methods=None):
+    from metactr.papers.bench.config import BenchConfig
 
-    Writes ``out/rml/results.json`` and ``results.md``; returns the result rows."""
-    import torch
-    from rich.console import Console
-    from rich.table import Table
+    return BenchConfig.model_validate({
+        "protocol": "rml", "datasets": [{"name": "synthetic", "prepared": str(prepared)}],
+        "methods": list(methods or DEMO_METHODS), "seeds": seeds, "n_boot": 500,
+        "rml": {"strategy": {"epochs": epochs, "batch_size": 256}}})
 
-    from metactr.data.prepared import PreparedDataset
-    from metactr.eval.report import markdown_table, write_run
-    from metactr.papers.rml.protocol import STAGE_LABELS, ProtocolConfig, run_protocol
-    from metactr.strategies.config import TwoPhaseConfig
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    ds = PreparedDataset(prepared)
-    strategy = TwoPhaseConfig(lr=0.01, local_lr=0.01)
-    protocol = ProtocolConfig(mode="full", bootstrap=0)
-    rows = [r for subset in ("wc", "cw")
-            for r in run_protocol(ds, subset, "rml", {}, strategy, protocol, seed, epochs=epochs, batch_size=128)]
-    table = Table(title=f"RML on the synthetic log (seed {seed}, {epochs:g} epochs, every test row scored)")
-    for col in ("subset", "stage", "test AUC", "test logloss", "n_test"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["subset"].upper(), STAGE_LABELS[r["stage"]], f"{r['auc']:.4f}", f"{r['logloss']:.4f}",
-                      str(r["n_test"]))
-    Console().print(table)
-    md = "# metactr demo: RML on a synthetic log\n\n" + markdown_table(
-        ["subset", "stage", "AUC", "logloss", "n_test"],
-        [[r["subset"].upper(), STAGE_LABELS[r["stage"]], r["auc"], r["logloss"], r["n_test"]] for r in rows])
-    write_run(out / "rml", {"rows": rows, "seed": seed, "strategy": {**strategy.model_dump(), "epochs": epochs, "batch_size": 128},
-                            "protocol": protocol.model_dump()}, md)
-    return rows
+def bench_step(prepared: Path, out: Path, *, jobs: int = 2, **kw) -> dict:
+    """``metactr bench`` on the prepared log; writes ``out/bench`` and prints the leaderboard."""
+    import os
+
+    from metactr.papers.bench.commands import print_leaderboard
+    from metactr.papers.bench.run import run_bench
+
+    res = run_bench(bench_config(prepared, **kw), out / "bench", jobs=max(1, min(jobs, os.cpu_count() or 1)),
+                    echo=lambda s: None, command=f"metactr demo --out {out}")
+    print_leaderboard(res)
+    return res
 
 
 def run_demo(out: Path) -> Path:
     """Run every demo step under ``out``; returns the prepared directory."""
-    out = Path(out)
+    out = Path(out).resolve()  # (the bench finds the raw log, for the Bayes ceiling, by its recorded path)
     raw = synthesize_step(out)
     typer.echo(f"[1/4] synthetic log: {raw}")
     prepared = prepare_step(raw, out)
-    typer.echo(f"[2/4] prepared (RML generalized cold-start protocol): {prepared}")
+    typer.echo(f"[2/4] prepared (RML generalized cold start, future holdout): {prepared}")
     typer.echo("[3/4] statistics per split:")
     stats_step(prepared)
-    typer.echo("[4/4] RML: two-phase meta-training, then fine-tuning on FT-A, FT-B, FT-C:")
-    rml_step(prepared, out)
-    typer.echo(f"results: {out / 'rml' / 'results.md'}")
+    typer.echo(f"[4/4] metactr bench: {', '.join(DEMO_METHODS)}; 2 seeds; fine-tuned on FT-A, FT-B, FT-C; "
+               "95% intervals over seeds x test users; bayes_ceiling = the generator's true probabilities:")
+    res = bench_step(prepared, out)
+    typer.echo(f"\nleaderboard: {out / 'bench' / 'results.md'}\nreport:      {out / 'bench' / 'report.html'}"
+               f"\n(wall {res['wall_s']} s)")
     return prepared
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="output directory")) -> None:
-        """Synthesize a cold-start dataset, prepare it, print its statistics, then meta-train RML and
-        fine-tune it on FT-A/B/C."""
+        """Synthesize a cold-start log, prepare it, print its statistics, then benchmark simple
+        baselines, DIN and RML on it with intervals and the Bayes ceiling."""
         run_demo(out)

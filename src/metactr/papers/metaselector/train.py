@@ -142,6 +142,7 @@ class SeedResult:
     user_loss: dict[str, np.ndarray]  # method -> per-user test logloss (sorted users)
     seconds: dict[str, float]
     selector_stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> lambda_stats etc.
+    preds: dict[str, np.ndarray] = field(default_factory=dict)  # method -> test probabilities (metactr bench)
 
 
 def lambda_stats(lam: np.ndarray, users: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
@@ -276,7 +277,7 @@ def run_seed(cfg: SelectorExperiment, data: SelectorData, seed: int,
     metrics = {k: {"auc": auc(y, p), "logloss": logloss(y, p)} for k, p in preds.items()}
     ref = cfg.reference_model if cfg.reference_model in names else names[-1]
     user_loss = {k: sb.per_user_logloss(preds[k], y, users) for k in ("metaselector", ref) if k in preds}
-    return SeedResult(seed, metrics, share, user_loss, secs, stats)
+    return SeedResult(seed, metrics, share, user_loss, secs, stats, preds)
 
 
 # --------------------------------------------------------------------------- a toy dataset
