@@ -199,3 +199,15 @@ def test_reproduce_metaselector_refuses_a_foreign_directory_before_any_work(tmp_
                      "--quick", *extra]) == 2
         one_line_error(capsys, str(mine), "not written by metactr")
         assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("argv", [["bench", "--quick"], ["demo"]])
+def test_bench_and_demo_refuse_a_foreign_folder(tmp_path, capsys, argv):
+    from metactr.cli import main
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main([*argv, "--out", str(out)]) == 2
+    assert str(out) in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"

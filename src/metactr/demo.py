@@ -65,7 +65,10 @@ def bench_step(prepared: Path, out: Path, *, jobs: int = 2, **kw) -> dict:
 
 def run_demo(out: Path) -> Path:
     """Run every demo step under ``out``; returns the prepared directory."""
+    from metactr.utils import claim_out_dir
+
     out = Path(out).resolve()  # (the bench finds the raw log, for the Bayes ceiling, by its recorded path)
+    claim_out_dir(out, what="demo output", command="metactr demo")  # never over a foreign folder
     raw = synthesize_step(out)
     typer.echo(f"[1/4] synthetic log: {raw}")
     prepared = prepare_step(raw, out)

@@ -175,12 +175,12 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, jobs: int = 1, echo=print, r
     from metactr.data.stats import split_stats, stats_warnings, read_meta
     from metactr.eval.bench_report import render_markdown
     from metactr.eval.report_html import render_html
-    from metactr.utils import write_json_atomic, write_text_atomic
+    from metactr.utils import claim_out_dir, write_json_atomic, write_text_atomic
 
     if jobs < 1:
         raise ConfigError("--jobs must be >= 1", field="jobs")
-    out = Path(out)
     methods = check_methods(cfg)
+    out = claim_out_dir(out, what="bench output", command="metactr bench")  # never over a foreign folder
     t0 = time.perf_counter()
     entries = prepare_all(cfg, out, echo)
     all_jobs = list_jobs(cfg, entries, methods)
