@@ -211,3 +211,20 @@ def test_bench_and_demo_refuse_a_foreign_folder(tmp_path, capsys, argv):
     assert main([*argv, "--out", str(out)]) == 2
     assert str(out) in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_a_prepared_dir_from_before_markers_counts_as_metactrs(tmp_path):
+    import json
+
+    from metactr.utils import claim_out_dir, owns_dir
+
+    old = tmp_path / "prep"
+    old.mkdir()
+    (old / "meta.json").write_text(json.dumps({"format_version": 1, "dataset": "ml-100k", "config": {},
+                                               "vocab_sizes": {}}))
+    assert owns_dir(old)
+    assert claim_out_dir(old) == old
+    foreign = tmp_path / "other"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text(json.dumps({"name": "someone else's"}))
+    assert not owns_dir(foreign)

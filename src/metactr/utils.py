@@ -90,10 +90,17 @@ def _out_error(message: str, path: Path):
 
 
 def owns_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a directory holding metactr's marker (metactr wrote it)."""
+    """Whether ``path`` is a directory holding metactr's marker (metactr wrote it), or a prepared
+    dataset directory that an earlier metactr wrote before markers existed (its ``meta.json``
+    carries the prepared layout's ``format_version``, ``dataset`` and ``config`` keys)."""
     m = Path(path) / MARKER
     if not m.is_file():
-        return False
+        legacy = Path(path) / "meta.json"
+        try:
+            meta = json.loads(legacy.read_text(encoding="utf-8")) if legacy.is_file() else {}
+        except (OSError, ValueError):
+            return False
+        return isinstance(meta, dict) and {"format_version", "dataset", "config", "vocab_sizes"} <= set(meta)
     try:
         return json.loads(m.read_text(encoding="utf-8")).get("written_by") == "metactr"
     except (OSError, ValueError, AttributeError):
