@@ -94,6 +94,9 @@ def register(app: typer.Typer) -> None:
             ov.append(f"device={device}")
         if jobs < 1:
             raise ConfigError("--jobs must be >= 1", field="--jobs")
+        from metactr.utils import claim_out_dir
+
+        claim_out_dir(out, what="bench output", command="metactr bench")  # --quick writes its toy data there
         cfg = load(config, quick, out, ov)
         res = run_bench(cfg, out, jobs=min(jobs, os.cpu_count() or 1), echo=typer.echo, report_only=report_only,
                         command="metactr " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

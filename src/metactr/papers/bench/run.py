@@ -18,9 +18,20 @@ from pathlib import Path
 import numpy as np
 
 from metactr.errors import ConfigError
-from metactr.papers.bench.config import ORACLES, BenchConfig, baseline_list, check_methods
-from metactr.papers.bench.data import PreparedEntry, bayes_probs, dataset_label, prepare_all
+from metactr.papers.bench.config import (
+    ORACLES,
+    BenchConfig,
+    baseline_list,
+    check_methods,
+)
+from metactr.papers.bench.data import (
+    PreparedEntry,
+    bayes_probs,
+    dataset_label,
+    prepare_all,
+)
 from metactr.papers.bench.jobs import STAGES, Job, execute, is_done, load_job
+from metactr.train.tracking import finite_or_none
 
 BAYES = "bayes_ceiling"
 USER_STRIDE = 1 << 32  # (split, user) -> one id
@@ -159,20 +170,9 @@ def _paper_numbers(cfg: BenchConfig, labels: dict, rows: list[dict]) -> None:
             r["paper_auc"] = PAPER_ML1M[r["method"]][0]
 
 
-def _finite(x):
-    """NaN/inf -> None, so results.json is strict JSON (a GAUC with no user holding both classes)."""
-    if isinstance(x, float):
-        return x if np.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
 def run_bench(cfg: BenchConfig, out: str | Path, *, jobs: int = 1, echo=print, report_only: bool = False,
               command: str = "") -> dict:
-    from metactr.data.stats import split_stats, stats_warnings, read_meta
+    from metactr.data.stats import read_meta, split_stats, stats_warnings
     from metactr.eval.bench_report import render_markdown
     from metactr.eval.report_html import render_html
     from metactr.utils import claim_out_dir, write_json_atomic, write_text_atomic
@@ -201,7 +201,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, jobs: int = 1, echo=print, r
         key = e.spec.name + ("" if e.split_seed is None else f" (split seed {e.split_seed})")
         stats[key] = {"rows": srows, "warnings": stats_warnings(srows, read_meta(e.prepared))}
     res["split_stats"] = stats
-    write_json_atomic(out / "results.json", _finite(res))
+    write_json_atomic(out / "results.json", finite_or_none(res))
     write_text_atomic(out / "results.md", render_markdown(res))
     write_text_atomic(out / "report.html", render_html(res, figs))
     from metactr.config import dump_config
