@@ -151,6 +151,10 @@ def test_reproduce_quick_end_to_end(toy_dir, tmp_path, capsys):
     assert md_cell(md, "### after FT-A", "w/o Meta", "CW loss").endswith(
         f"({paper_value('rml_wo_meta', 'finetune_a', 'cw', 'logloss'):.4f}, "
         f"{next(r for r in rows if r['method'] == 'rml_wo_meta' and r['subset'] == 'cw' and r['stage'] == 'finetune_a')['logloss_diff']:+.4f})")
+    # every job's metrics went through the tracking interface (metrics.jsonl, one line per job)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and {ln["seed"] for ln in lines} == {0, 1}
+    assert any(ln.get("rml/wc/finetune_c/auc") == pytest.approx(rml_wc["auc"][ln["seed"]]) for ln in lines)
     # a second invocation reuses every finished job
     assert main(argv) == 0
     assert "8 already done" in capsys.readouterr().out

@@ -183,3 +183,12 @@ def test_train_resume_override_from_the_command_line(data_dir, tmp_path, capsys)
     assert load_train_config(tmp_path / "run" / "config.yaml").optim.lr == 0.1
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["lr"] == 0.1 and last["resumed_with_changes"]["optim.lr"] == {"from": 0.001, "to": 0.1}
+
+
+def test_quiet_prints_no_epoch_lines_but_records_every_epoch(data_dir, tmp_path, capsys):
+    cfg = _write_cfg(tmp_path / "c.yaml", data_dir, tmp_path / "run")
+    assert main(["train", str(cfg), "--set", "epochs=2", "--quiet"]) == 0
+    assert "epoch 1" not in capsys.readouterr().err
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert main(["train", str(cfg), "--set", "epochs=2", "--set", f"out={tmp_path / 'loud'}"]) == 0
+    assert "epoch 1" in capsys.readouterr().err

@@ -41,6 +41,8 @@ def train_command(
                                                   "(recorded in config.yaml and metrics.jsonl).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace the run directory if metactr wrote it (never "
                                         "another directory).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no per-epoch lines (metrics.jsonl "
+                                        "still gets every epoch).")] = False,
 ) -> None:
     """Train a model as CONFIG says; runs unchanged under torchrun (DDP)."""
     from metactr.errors import ConfigError
@@ -49,8 +51,9 @@ def train_command(
 
     if force and (resume or resume_override):
         raise ConfigError("--force starts the run afresh: it cannot be combined with --resume", field="force")
-    cfg = load_train_config(config, set_ or [])
-    results = run_training(cfg, resume=resume, resume_override=resume_override, force=force)
+    cfg = load_train_config(config, [*(set_ or []), *(["progress=false"] if quiet else [])])
+    results = run_training(cfg, resume=resume, resume_override=resume_override, force=force,
+                           log=(lambda s: None) if quiet else None)
     if results:
         typer.echo(json.dumps(results["metrics"], indent=2))
 

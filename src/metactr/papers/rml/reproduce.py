@@ -26,8 +26,14 @@ from metactr.errors import ConfigError, DataError
 from metactr.eval.metrics import mean_ci95
 from metactr.eval.report import fmt, fmt_ci, markdown_table, write_run
 from metactr.papers.rml.paper_numbers import PAPER_LABELS, paper_value
-from metactr.papers.rml.protocol import FT_STAGES, STAGE_LABELS, ProtocolConfig, run_protocol
+from metactr.papers.rml.protocol import (
+    FT_STAGES,
+    STAGE_LABELS,
+    ProtocolConfig,
+    run_protocol,
+)
 from metactr.strategies.config import StrategyDefaults, strategy_config
+from metactr.train.tracking import TrackingConfig, build_tracker
 
 ABLATIONS = {"rml": ("rml", "two_phase"), "rml_wo_meta": ("rml", "plain"),
              "rml_wo_meta_att": ("rml_no_att", "plain"), "rml_wo_meta_lstm": ("rml_no_lstm", "plain")}
@@ -55,6 +61,7 @@ class ReproduceConfig(StrictModel):
     protocol: ProtocolConfig = ProtocolConfig()
     method: dict[str, MethodConfig] = {}  # per-method overrides / extra methods
     threads: int = PField(1, ge=1)  # torch intra-op threads of each job (not part of a job's key)
+    tracking: TrackingConfig = TrackingConfig()  # metrics.jsonl always; TensorBoard / MLflow on request
 
 
 def method_config(cfg: ReproduceConfig, name: str) -> MethodConfig:
@@ -175,11 +182,24 @@ def run_reproduction(data: str | Path, out: str | Path, cfg: ReproduceConfig, *,
                 m, s, seed = futs[fut]
                 echo(f"done {m} {s} seed {seed} ({time.perf_counter() - t0:.0f} s)")
     records = [json.loads(f.read_text()) for f in files]
+    _track(out, cfg, records)
     results = aggregate(records, cfg, data)
     results["wall_s"] = None if report_only else round(time.perf_counter() - t0, 1)
     results["job_s_total"] = round(sum(rec["wall_s"] for rec in records), 1)
     write_run(out, results, render_markdown(results), config=cfg)
     return results
+
+
+def _track(out: Path, cfg: ReproduceConfig, records: list[dict]) -> None:
+    """Every finished job's per-stage metrics through the tracking interface: ``OUT/metrics.jsonl``
+    (one line per job, step = its seed), and TensorBoard / MLflow when the config asks."""
+    with build_tracker(out, cfg.tracking.backends, step_key="seed", history=[],
+                       mlflow_experiment=cfg.tracking.mlflow_experiment,
+                       mlflow_tracking_uri=cfg.tracking.mlflow_tracking_uri) as tracker:
+        tracker.log_params(cfg.model_dump())
+        for rec in records:
+            tracker.log_metrics({f"{rec['method']}/{rec['subset']}/{r['stage']}/{k}": r[k]
+                                 for r in rec["rows"] for k in ("auc", "logloss")}, step=rec["seed"])
 
 
 def aggregate(records: list[dict], cfg: ReproduceConfig, data: str) -> dict:
