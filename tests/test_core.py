@@ -94,6 +94,19 @@ def test_cli_unknown_command_exits_2(capsys):
     assert main(["no-such-command"]) == 2
 
 
+def test_cli_registers_its_commands_once_per_process(capsys):
+    from metactr import cli
+
+    main(["models"])
+    sizes = (len(cli.app.registered_commands), len(cli.app.registered_groups),
+             len(cli.reproduce_app.registered_commands))
+    for _ in range(3):
+        assert main(["models"]) == 0
+    assert (len(cli.app.registered_commands), len(cli.app.registered_groups),
+            len(cli.reproduce_app.registered_commands)) == sizes
+    assert sizes[0] >= 5 and sizes[1] >= 2  # train, evaluate, tune, serve, bench, ...; data, reproduce
+
+
 def test_pad_lists_handles_empty_null_and_long_lists():
     import polars as pl
 

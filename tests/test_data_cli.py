@@ -155,6 +155,25 @@ def test_download_file_url_checksum_ok_and_mismatch(run, tmp_path, monkeypatch):
     assert json.loads((dest / "ml-100k" / ".download.json").read_text())["sha256"] == good
 
 
+def test_download_never_replaces_a_folder_it_did_not_write(run, tmp_path, monkeypatch):
+    archive = make_zip(tmp_path)
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(dl.SOURCES, "ml-100k", dl.Source(archive.as_uri(), ("u.data", "u.user", "u.item"),
+                                                         {"md5": md5}))
+    mine = tmp_path / "dest" / "ml-100k"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")  # the user's folder, lacking the dataset's files
+    code, _, err = run("data", "download", "ml-100k", "--dest", tmp_path / "dest")
+    assert_one_line_error(code, err, "not written by metactr")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (mine / "notes.txt").unlink()  # empty: claimed, downloaded and marked as metactr's
+    code, _, _ = run("data", "download", "ml-100k", "--dest", tmp_path / "dest")
+    assert code == 0 and (mine / "u.data").is_file() and (mine / ".metactr").is_file()
+    (mine / "u.user").unlink()  # an incomplete download of ours is fetched again
+    code, _, _ = run("data", "download", "ml-100k", "--dest", tmp_path / "dest")
+    assert code == 0 and (mine / "u.user").is_file()
+
+
 def test_download_real_urllib_path_with_file_url(tmp_path):
     archive = make_zip(tmp_path)
     with pytest.raises(DataError, match="md5 mismatch"):  # the pinned official MD5 guards a wrong archive

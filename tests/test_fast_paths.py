@@ -34,6 +34,51 @@ def test_packed_attention_equals_dense(monkeypatch, mode):
     assert packed[0][0].abs().sum() == 0  # the empty session attends to nothing
 
 
+@pytest.mark.parametrize("mode", ["weights", "softmax"])
+@pytest.mark.parametrize("n_valid", [0, 3, 7])
+def test_shared_session_attention_equals_per_row(mode, n_valid):
+    """One session scored against many candidates (stride-0 rows, as the service builds them)
+    gives what the same session copied into every row gives, gradients included."""
+    torch.manual_seed(1)
+    att = TargetAttention(8, (6, 4), mode=mode).double()
+    q = torch.randn(5, 8, dtype=torch.double, requires_grad=True)
+    k1 = torch.randn(1, 7, 8, dtype=torch.double, requires_grad=True)
+    m1 = torch.zeros(1, 7, dtype=torch.bool)
+    m1[0, torch.randperm(7)[:n_valid]] = True
+    keys, mask = k1.expand(5, -1, -1), m1.expand(5, -1)
+    assert layers.shares_rows(keys, mask) and not layers.shares_rows(keys.contiguous(), mask)
+
+    def run(keys, mask):
+        out, w = att(q, keys, mask)
+        return (out, w, *torch.autograd.grad((out ** 2).sum() + w.sum(), [q, k1, *att.parameters()]))
+
+    for a, b in zip(run(keys, mask), run(keys.contiguous(), mask.contiguous()), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert not layers.shares_rows(torch.ones(1, 3))  # a single row is nothing to share
+
+
+def test_shared_history_batch_scores_like_a_copied_one(tmp_path):
+    """DIN and RML on a batch whose session is one stride-0 row: the same scores as on the copied
+    batch (the service's /predict path)."""
+    from metactr.data.prepared import PreparedDataset
+    from metactr.data.toy import write_toy_rml_dataset
+    from metactr.models import build_model
+
+    write_toy_rml_dataset(tmp_path, n_users=8, n_items=20, rows_per_user=6)
+    ds = PreparedDataset(tmp_path)
+    b = ds.batch(ds.split("wc_train"), torch.arange(6))
+    assert b.hist_mask[0].any()
+    one = lambda t: t[:1].expand_as(t)  # noqa: E731
+    shared = b._replace(hist=one(b.hist), hist_mask=one(b.hist_mask), hist_label=one(b.hist_label))
+    copied = shared._replace(hist=shared.hist.contiguous(), hist_mask=shared.hist_mask.contiguous(),
+                     hist_label=shared.hist_label.contiguous())
+    for name in ("din", "rml"):
+        torch.manual_seed(0)
+        model = build_model(name, ds.spec).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(shared).logit, model(copied).logit, rtol=1e-5, atol=1e-6)
+
+
 def test_packing_only_for_large_padded_masks_outside_vmap():
     sparse = torch.arange(10).expand(1024, 10) < torch.arange(1024).remainder(10).unsqueeze(1) + 1  # 55% valid
     assert layers._packable(sparse)

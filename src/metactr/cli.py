@@ -31,7 +31,17 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 reproduce_app = typer.Typer(no_args_is_help=True, help="Reproduce a paper's experiments with confidence intervals.")
 
 
+_registered = False
+
+
 def _register_all() -> None:
+    """Add every concern's commands, once per process: ``main()`` called again (the tests call it
+    hundreds of times in one process) must not register them again, or typer rebuilds an ever
+    larger app on each call (the suite's in-process CLI calls grew from 0.2 s to 40 s each)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
     from metactr.data import commands as data_commands
     from metactr.demo import register as register_demo
     from metactr.papers.metaselector import commands as selector_commands

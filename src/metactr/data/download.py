@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metactr.errors import ConfigError, DataError, OfflineError
-from metactr.utils import atomic_path, write_json_atomic
+from metactr.utils import atomic_path, check_out_dir, write_json_atomic, write_marker
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,8 @@ def download_dataset(name: str, dest: str | Path, *, url: str | None = None, sha
     if final.is_dir() and all((final / r).is_file() for r in src.required):
         echo(f"{name} already present at {final}")
         return final
+    if not (final / ".download.json").is_file():  # an earlier, interrupted download of ours may be replaced
+        check_out_dir(final, what=f"{name} download")  # a folder of the user's is never replaced
     digests = dict(src.digests)
     if sha256:
         digests["sha256"] = sha256
@@ -142,4 +144,5 @@ def download_dataset(name: str, dest: str | Path, *, url: str | None = None, sha
         got = verify(archive, digests)
         extract_zip(archive, final, src.required)
     write_json_atomic(final / ".download.json", {"url": url or src.url, **got})
+    write_marker(final, what=f"{name} download", command=f"metactr data download {name}")
     return final

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from metactr.data.batch import Batch, FeatureSpec
 from metactr.errors import ConfigError
-from metactr.models.layers import FieldEmbedding, gather_rows
+from metactr.models.layers import FieldEmbedding, HistoryLabels, gather_rows, shares_rows
 
 
 def check_hparams(model: str, *, embed_dim: int | None = None, hidden: tuple[int, ...] | list[int] | None = None,
@@ -84,17 +84,28 @@ def flat_fields(embedding: FieldEmbedding, batch: Batch, use_history: bool) -> T
     return v
 
 
-def sequence_inputs(embedding: FieldEmbedding, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+def sequence_inputs(embedding: FieldEmbedding, batch: Batch,
+                    labels: HistoryLabels | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Inputs of the session models: ``(user+context [..., (Fu+Fc)*D], target [..., Fi*D],
     session [..., L, Fi*D])``; an item is the concatenation of its field vectors. The target
-    and the session are embedded in one call."""
+    and the session are embedded in one call. ``labels``: the session items are joined with
+    their known labels (label-aware input)."""
     ctx = [(batch.user, "user"), (batch.context, "context")]
     if any(g in embedding.n_fields for _, g in ctx):
         other = lookup(embedding, ctx).flatten(-2)
     else:
         other = embedding(batch.user, "user").flatten(-2)  # [..., 0]
+    if shares_rows(batch.hist, batch.hist_mask, batch.hist_label):
+        # one session for every row (a service scoring candidates): embed it once
+        hist = embedding(batch.hist[:1], "item").flatten(-2)
+        if labels is not None:
+            hist = labels(hist, batch.hist_label[:1], batch.hist_mask[:1])
+        return other, embedding(batch.item, "item").flatten(-2), hist.expand(batch.hist.shape[0], -1, -1)
     items = embedding(torch.cat([batch.item.unsqueeze(-2), batch.hist], dim=-2), "item").flatten(-2)
-    return other, items[..., 0, :], items[..., 1:, :]
+    hist = items[..., 1:, :]
+    if labels is not None:
+        hist = labels(hist, batch.hist_label, batch.hist_mask)
+    return other, items[..., 0, :], hist
 
 
 def fm_pairwise(v: Tensor) -> Tensor:

@@ -185,6 +185,33 @@ def _packable(mask: Tensor) -> bool:
     return int(mask.sum()) <= 0.7 * mask.numel()
 
 
+class HistoryLabels(nn.Module):
+    """Label-aware session input: each session item's vector joined with its known label, as a
+    learned vector per label added to it (``e + w[y]``, like a segment embedding; padding stays
+    zero). The label of a session item is known before the target is scored (it is what RML's
+    auxiliary loss predicts), so this gives the models the signal the simple ``rates_lr`` baseline
+    uses, without any meta-learning (issue 15's controls)."""
+
+    def __init__(self, dim: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, dim) * init_std)
+
+    def forward(self, hist: Tensor, hist_label: Tensor, mask: Tensor) -> Tensor:
+        y = hist_label.to(hist.dtype).unsqueeze(-1)
+        return hist + (self.weight[0] + y * (self.weight[1] - self.weight[0])) * mask.to(hist.dtype).unsqueeze(-1)
+
+
+def shares_rows(*tensors: Tensor) -> bool:
+    """Whether every tensor repeats one row along dim 0 as a stride-0 view (``t[:1].expand(B, ...)``),
+    outside any torch.func transform: a service scoring B candidates against one user's session
+    builds its batch this way, and the models then embed and project that session once instead
+    of B times (the result is the same; the arithmetic per candidate shrinks)."""
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    if level is None or level() is not None:
+        return False
+    return all(t.dim() >= 2 and t.shape[0] > 1 and t.stride(0) == 0 for t in tensors)
+
+
 class TargetAttention(nn.Module):
     """DIN-style attention of a query (target item) over keys (session items).
 
@@ -218,6 +245,8 @@ class TargetAttention(nn.Module):
         first, rest = self.mlp.net[0], self.mlp.net[1:]
         w_q, w_k, w_d, w_p = first.weight.chunk(4, dim=-1)
         h_q = query @ (w_q + w_d).T + first.bias
+        if shares_rows(keys, mask):
+            return self._shared(query, keys, mask, h_q, w_k - w_d, w_p, rest)
         w_kp = torch.cat([w_k - w_d, w_p], dim=-1).T
         if _packable(mask):
             return self._packed(query, keys, mask, h_q, w_kp, rest)
@@ -251,6 +280,17 @@ class TargetAttention(nn.Module):
         w_valid = s if self.mode == "weights" else w.reshape(-1).index_select(0, flat)
         out = keys.new_zeros(n, dim).index_add(0, row, w_valid.unsqueeze(-1) * k)
         return out, w
+
+    def _shared(self, query: Tensor, keys: Tensor, mask: Tensor, h_q: Tensor, w_kd: Tensor, w_p: Tensor,
+                rest: nn.Module) -> tuple[Tensor, Tensor]:
+        """One session for every row (``shares_rows``): its valid keys and their projection
+        ``k @ W_k`` are computed once; only the ``q*k`` half and the MLP's later layers run per row."""
+        valid = mask[0].nonzero().squeeze(1)
+        k = keys[0].index_select(0, valid)  # [n, D]
+        s = rest(((query.unsqueeze(-2) * k) @ w_p.T + (k @ w_kd.T) + h_q.unsqueeze(-2))).squeeze(-1)  # [B, n]
+        scores = s.new_zeros(query.shape[0], keys.shape[1]).index_copy(1, valid, s)
+        w = self._weights(scores, mask)
+        return w.index_select(1, valid) @ k, w
 
     def reference(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
         """Scores computed the textbook way (MLP on the concatenation); for tests."""

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from metactr.data.batch import Batch, FeatureSpec
 from metactr.models.base import CTRModel, ModelOutput, register
-from metactr.models.layers import MLP, Dice, FieldEmbedding, TargetAttention, masked_mean
+from metactr.models.layers import MLP, Dice, FieldEmbedding, HistoryLabels, TargetAttention, masked_mean
 from metactr.models.rnn import LSTM
 
 
@@ -45,14 +45,15 @@ from metactr.models.rnn import LSTM
 class RML(CTRModel):
     paper = "Recurrent Meta-Learning against Generalized Cold-Start Problem in CTR Prediction (MM 2022)"
     uses_history = True
-    param_group_prefixes = {"emb": ("embedding",), "meta": ("attention", "att_fc", "lstm", "aux_net"),
+    param_group_prefixes = {"emb": ("embedding", "label_embedding"), "meta": ("attention", "att_fc", "lstm", "aux_net"),
                             "mlp": ("mlp", "item_bias")}
 
     def __init__(self, spec: FeatureSpec, *, embed_dim: int = 16, att_hidden: tuple[int, ...] = (128, 64),
                  lstm_hidden: int = 16, mlp_hidden: tuple[int, ...] = (128, 64),
                  aux_hidden: tuple[int, ...] = (100, 50), dropout: float = 0.3, use_attention: bool = True,
                  use_lstm: bool = True, item_bias: bool = True, emb_init_std: float = 0.02,
-                 logloss_weight: float = 0.7, l2_weight: float = 3.5e-5, aux_weight: float = 0.3) -> None:
+                 logloss_weight: float = 0.7, l2_weight: float = 3.5e-5, aux_weight: float = 0.3,
+                 label_aware: bool = False) -> None:
         super().__init__(spec, logloss_weight=logloss_weight, l2_weight=l2_weight, aux_weight=aux_weight)
         if not (use_attention or use_lstm):
             raise ValueError("RML needs at least one of the attention and LSTM branches")
@@ -61,6 +62,9 @@ class RML(CTRModel):
         self.use_attention, self.use_lstm = use_attention, use_lstm
         self.embedding = FieldEmbedding(spec, embed_dim, init_std=emb_init_std)
         item_dim = embed_dim * len(spec.item)
+        # not in the paper: session items joined with their known labels (the auxiliary net still
+        # sees the label-blind item vector, whose label it predicts)
+        self.label_embedding = HistoryLabels(item_dim) if label_aware else None
         in_dim = embed_dim * (len(spec.user) + len(spec.context)) + 2 * item_dim
         l2: list[str] = []
         if use_attention:
@@ -85,13 +89,14 @@ class RML(CTRModel):
         target = emb(batch.item, "item").flatten(-2)  # [B, Fi*D]
         hist = emb(batch.hist, "item").flatten(-2)  # [B, L, Fi*D]
         mask = batch.hist_mask
+        seen = hist if self.label_embedding is None else self.label_embedding(hist, batch.hist_label, mask)
         parts = [emb(batch.user, "user").flatten(-2), emb(batch.context, "context").flatten(-2)]
         aux = self.no_aux(batch)
         if self.use_attention:
-            pooled, _ = self.attention(target, hist, mask)
+            pooled, _ = self.attention(target, seen, mask)
             parts.append(self.att_fc(pooled))
         if self.use_lstm:
-            states, _ = self.lstm(hist, mask)
+            states, _ = self.lstm(seen, mask)
             parts.append(masked_mean(states, mask, dim=-2))
             aux = self.auxiliary_loss(states, hist, batch.hist_label, mask)
         parts.append(target)

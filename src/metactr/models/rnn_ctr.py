@@ -7,7 +7,7 @@ import torch
 from metactr.data.batch import Batch, FeatureSpec
 from metactr.models.base import CTRModel, ModelOutput, register
 from metactr.models.interactions import check_hparams, sequence_inputs
-from metactr.models.layers import MLP, FieldEmbedding
+from metactr.models.layers import MLP, FieldEmbedding, HistoryLabels
 from metactr.models.rnn import GRU, LSTM
 
 
@@ -23,24 +23,25 @@ class _SessionRNN(CTRModel):
     """
 
     uses_history = True
-    param_group_prefixes = {"emb": ("embedding",), "interaction": ("rnn",), "mlp": ("mlp",)}
+    param_group_prefixes = {"emb": ("embedding", "label_embedding"), "interaction": ("rnn",), "mlp": ("mlp",)}
     l2_prefixes = ("mlp",)
     rnn_cls: type = GRU
 
     def __init__(self, spec: FeatureSpec, *, embed_dim: int = 16, rnn_hidden: int | None = None,
                  hidden: tuple[int, ...] = (200, 80), activation: str = "relu", dropout: float = 0.0,
-                 emb_init_std: float = 1e-4, **loss_kw) -> None:
+                 emb_init_std: float = 1e-4, label_aware: bool = False, **loss_kw) -> None:
         check_hparams(self.name, embed_dim=embed_dim, hidden=hidden, dropout=dropout, rnn_hidden=rnn_hidden)
         super().__init__(spec, **loss_kw)
         self.embedding = FieldEmbedding(spec, embed_dim, init_std=emb_init_std)
         item_dim = len(spec.item) * embed_dim
         rnn_hidden = rnn_hidden or item_dim
+        self.label_embedding = HistoryLabels(item_dim) if label_aware else None  # label-aware session input
         self.rnn = self.rnn_cls(item_dim, rnn_hidden)
         in_dim = embed_dim * (len(spec.user) + len(spec.context)) + item_dim + rnn_hidden
         self.mlp = MLP(in_dim, tuple(hidden), activation=activation, dropout=dropout)
 
     def forward(self, batch: Batch) -> ModelOutput:
-        other, target, hist = sequence_inputs(self.embedding, batch)
+        other, target, hist = sequence_inputs(self.embedding, batch, self.label_embedding)
         _, state = self.rnn(hist, batch.hist_mask)
         x = torch.cat([other, target, state], dim=-1)
         return ModelOutput(self.mlp(x).squeeze(-1), self.no_aux(batch))

@@ -150,13 +150,17 @@ class CTRService:
 
     def _batch(self, user_code: int, targets: Tensor, labels: Tensor, hist_codes: Tensor,
                hist_labels: Tensor) -> Batch:
-        """targets [B] codes, hist_codes [B, L] codes (0 = padding)."""
+        """targets [B] codes, hist_codes [B, L] codes (0 = padding), or [L]: one session shared by
+        every row, kept as stride-0 views so that the models embed and project it once."""
         B = targets.shape[0]
         mask = hist_codes > 0
+        hist, hist_label = self.data.item_table[hist_codes], hist_labels.float() * mask
+        if hist_codes.dim() == 1:
+            mask, hist = mask.expand(B, -1), hist.expand(B, -1, -1)
+            hist_label = hist_label.expand(B, -1)
         return Batch(user=self.data.user_table[user_code].expand(B, -1), item=self.data.item_table[targets],
-                     context=self._context.expand(B, -1), hist=self.data.item_table[hist_codes], hist_mask=mask,
-                     hist_label=hist_labels.float() * mask, label=labels.float(),
-                     user_id=torch.full((B,), user_code))
+                     context=self._context.expand(B, -1), hist=hist, hist_mask=mask,
+                     hist_label=hist_label, label=labels.float(), user_id=torch.full((B,), user_code))
 
     def _history(self, history: Sequence[Interaction]) -> tuple[Tensor, Tensor]:
         L = self.max_hist_len
@@ -184,7 +188,7 @@ class CTRService:
             targets = self._item_codes(items)
             hc, hl = self._history(history)
             B = targets.shape[0]
-            batch = self._batch(self._user_code(user), targets, torch.zeros(B), hc.expand(B, -1), hl.expand(B, -1))
+            batch = self._batch(self._user_code(user), targets, torch.zeros(B), hc, hl)
             with self._pool.lease() as model:
                 # a replica's own tensors are the trained ones: only a user's adapted tensors are swapped in
                 out = model(batch) if adapted is None else functional_call(model, dict(adapted), (batch,))
