@@ -179,6 +179,9 @@ def test_id_index_vectorized_lookup():
     ints = IdIndex(Vocab.build("item_id", pl.Series([30, 10, 20])))
     assert ints.codes([10, "20", 30, 40, "x", "1e1"]).tolist() == [2, 3, 4, 1, 1, 1]
     assert ints.codes([]).tolist() == [] and ints.codes([1.5, True]).tolist() == [1, 1]
+    # all-digit strings take NumPy's path, the others Polars': the same codes either way
+    assert ints.codes(["10", "20", "30", "40"]).tolist() == [2, 3, 4, 1]
+    assert ints.codes(["10", "-20", "30", "9" * 30]).tolist() == [2, 1, 4, 1]
     strs = IdIndex(Vocab.build("user_id", pl.Series(["b", "a", "7"])))
     assert strs.codes(["a", "b", 7, "7", "zz", 8]).tolist() == [3, 4, 2, 2, 1, 1]
 

@@ -74,13 +74,22 @@ class IdIndex:
         if self.is_str:
             arr = arr.astype(str)
         elif arr.dtype.kind in "US":
-            arr = pl.Series(arr).cast(pl.Int64, strict=False).fill_null(np.iinfo(np.int64).min).to_numpy()
+            arr = self._int_strings(arr)
         elif arr.dtype.kind not in "iu":
             return np.full(len(values), UNKNOWN, dtype=np.int64)
         pos = np.searchsorted(self._sorted, arr)
         pos_c = np.minimum(pos, len(self._sorted) - 1)
         hit = self._sorted[pos_c] == arr
         return np.where(hit, self._codes[pos_c], UNKNOWN)
+
+
+    @staticmethod
+    def _int_strings(arr: np.ndarray) -> np.ndarray:
+        """Strings holding integers -> int64, anything else -> a value no vocabulary holds. Plain
+        digit strings (the usual JSON ids) convert in NumPy: a Polars cast costs ~0.3 ms a request."""
+        if np.char.isdigit(arr).all() and (np.char.str_len(arr) <= 18).all():
+            return arr.astype(np.int64)
+        return pl.Series(arr).cast(pl.Int64, strict=False).fill_null(np.iinfo(np.int64).min).to_numpy()
 
 
 class _ModelPool:
