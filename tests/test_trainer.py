@@ -15,7 +15,8 @@ from metactr.errors import ConfigError, DataError
 from metactr.eval.predict import predict_proba
 from metactr.models.base import build_model
 from metactr.train import checkpoint as ckpt
-from metactr.train.config import TrainConfig, expand_path, load_train_config
+from metactr.train.config import TrainConfig, load_train_config
+from metactr.utils import expand_path
 from metactr.train.run import fit, run_training
 
 

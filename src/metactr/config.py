@@ -96,3 +96,10 @@ def load_config(model_cls: type[M], path: str | Path | None, overrides: list[str
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def list_override(key: str, csv: str) -> str:
+    """A ``--set`` override ``key=[...]`` from a comma-separated CLI value (``--methods a,b``)."""
+    import json
+
+    return f"{key}={json.dumps([v.strip() for v in csv.split(',') if v.strip()])}"

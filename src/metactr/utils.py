@@ -201,3 +201,23 @@ def data_root() -> Path:
     if env:
         return Path(env)
     return Path.cwd().parent / "shared" / "datasets"
+
+
+_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def expand_path(text: str, *, field: str | None = None) -> Path:
+    """Expand ``~`` and ``${VAR}`` / ``$VAR``; ``${METACTR_DATA}`` falls back to ``data_root()``. An
+    unset variable is a one-line ``ConfigError`` naming it (and ``field``, the config key that used it)."""
+    from metactr.errors import ConfigError
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        if name == "METACTR_DATA":
+            return str(data_root())
+        value = os.environ.get(name)
+        if value is None:
+            raise ConfigError(f"environment variable ${{{name}}} is not set (used in path '{text}')", field=field)
+        return value
+
+    return Path(_VAR.sub(sub, text)).expanduser()

@@ -39,8 +39,6 @@ history, so from data before the target.
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,6 +49,7 @@ from torch import Tensor, nn
 from metactr.data.batch import Batch, FeatureSpec, Field
 from metactr.errors import ConfigError, DataError
 from metactr.models.base import CTRModel, ModelOutput, register
+from metactr.utils import expand_path
 
 RATE_FEATURES = ("user", "item", "session", "recent")
 _CLIP = 1e-4
@@ -69,18 +68,7 @@ def _id_slot(fields: Sequence[Field], name: str) -> tuple[int, int]:
 
 
 def _expand(text: str) -> Path:
-    def sub(m: re.Match) -> str:
-        var = m.group(1) or m.group(2)
-        if var == "METACTR_DATA":
-            from metactr.utils import data_root
-
-            return str(data_root())
-        if var not in os.environ:
-            raise ConfigError(f"environment variable ${{{var}}} is not set (used in '{text}')",
-                              field="model.params.stats_from")
-        return os.environ[var]
-
-    return Path(re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, text)).expanduser()
+    return expand_path(text, field="model.params.stats_from")
 
 
 def _logit(p: Tensor) -> Tensor:

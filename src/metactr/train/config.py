@@ -12,7 +12,6 @@ pipeline's config hash matches.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -24,24 +23,6 @@ from metactr.errors import ConfigError
 from metactr.engine.precision import Precision, resolve_precision
 from metactr.strategies.config import StrategyConfig
 from metactr.train.tracking import TrackingConfig
-from metactr.utils import data_root
-
-_VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-
-
-def expand_path(text: str) -> Path:
-    """Expand ``~`` and ``${VAR}``; ``${METACTR_DATA}`` falls back to ``utils.data_root()``."""
-
-    def sub(m: re.Match) -> str:
-        name = m.group(1) or m.group(2)
-        if name == "METACTR_DATA":
-            return str(data_root())
-        value = os.environ.get(name)
-        if value is None:
-            raise ConfigError(f"environment variable ${{{name}}} is not set (used in path '{text}')")
-        return value
-
-    return Path(_VAR.sub(sub, text)).expanduser()
 
 
 class DataConfig(StrictModel):

@@ -28,10 +28,10 @@ from metactr.models.base import CTRModel, build_model
 from metactr.strategies import build_strategy
 from metactr.strategies.plain import Plain
 from metactr.train import checkpoint as ckpt
-from metactr.train.config import RESUME_FREE_KEYS, DataConfig, TrainConfig, expand_path
+from metactr.train.config import RESUME_FREE_KEYS, DataConfig, TrainConfig
 from metactr.train.tracking import finite_or_none
 from metactr.train.trainer import Trainer, evaluate
-from metactr.utils import seed_everything
+from metactr.utils import expand_path, seed_everything
 
 Logger = Callable[[str], None]
 

@@ -6,7 +6,6 @@ methods, two seeds, a fraction of an epoch). ``--config``: a bench YAML (configs
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -15,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from metactr.config import list_override
 from metactr.errors import ConfigError
 
 QUICK_METHODS = ["popularity", "rates_lr", "basic", "rml_wo_meta"]
@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         if seeds is not None:
             ov.append(f"seeds={seeds}")
         if methods:
-            ov.append(f"methods={json.dumps([m.strip() for m in methods.split(',') if m.strip()])}")
+            ov.append(list_override("methods", methods))
         if device:
             ov.append(f"device={device}")
         if jobs < 1:

@@ -3,8 +3,6 @@ ceiling where the data are the synthetic log (whose raw file keeps each click's 
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import polars as pl
 
 from metactr.errors import ConfigError, DataError
 from metactr.papers.bench.config import BenchConfig, DatasetSpec
+from metactr.utils import expand_path
 
 
 @dataclass
@@ -24,17 +23,7 @@ class PreparedEntry:
 
 
 def _expand(text: str) -> str:
-    from metactr.utils import data_root
-
-    def sub(m: re.Match) -> str:
-        var = m.group(1) or m.group(2)
-        if var == "METACTR_DATA":
-            return str(data_root())
-        if var not in os.environ:
-            raise ConfigError(f"environment variable ${{{var}}} is not set (used in '{text}')", field="datasets")
-        return os.environ[var]
-
-    return str(Path(re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, text)).expanduser())
+    return str(expand_path(text, field="datasets"))
 
 
 def _prepare_config(spec: DatasetSpec, protocol: str, seed: int | None):

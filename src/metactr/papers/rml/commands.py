@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from metactr.config import list_override
 from metactr.errors import ConfigError
 from metactr.eval.report import fmt_ci
 from metactr.papers.rml.reproduce import QUICK_METHODS, ReproduceConfig, load_reproduce_config, run_reproduction
@@ -49,9 +50,9 @@ def register(app: typer.Typer) -> None:
         if seeds is not None:
             ov.append(f"seeds={seeds}")
         if methods:
-            ov.append(f"methods={json.dumps([m.strip() for m in methods.split(',') if m.strip()])}")
+            ov.append(list_override("methods", methods))
         if subsets:
-            ov.append(f"subsets={json.dumps([s.strip() for s in subsets.split(',') if s.strip()])}")
+            ov.append(list_override("subsets", subsets))
         if mode:
             ov.append(f"protocol.mode={mode}")
         if epochs is not None:
