@@ -76,3 +76,107 @@ def test_session_maml_config_checks():
         strategy_config("session_maml", {"inner_steps": 0})
     cfg = strategy_config("session_maml", {"metasgd": True, "test_steps": 3})
     assert cfg.metasgd and cfg.test_steps == 3
+
+
+def test_bench_scores_a_session_strategy_after_adapting_each_session(toy):
+    """``metactr bench`` adapts every test session on its history before scoring it, as the protocol
+    does: the same training with more test-time steps gives other predictions (before the fix of
+    stop 14 the bench scored session strategies unadapted, so both runs were identical)."""
+    from metactr.papers.bench.config import BenchConfig
+    from metactr.papers.bench.jobs import Job, adapts_at_test, job_key, run_rml_job
+
+    def cfg(test_steps: int) -> BenchConfig:
+        return BenchConfig.model_validate({
+            "protocol": "rml", "datasets": [{"name": "toy", "prepared": str(toy.root)}], "methods": ["smaml"],
+            "seeds": 1, "rml": {"subsets": ["wc"], "strategy": {"epochs": 1, "batch_size": 32},
+                                "protocol": {"mode": "full", "bootstrap": 0},
+                                "method": {"smaml": {"model": "rml", "strategy": "session_maml", "model_kw": SMALL_RML,
+                                                     "strategy_kw": {"inner_lr": 0.1, "history_size": 4,
+                                                                     "test_steps": test_steps, "test_lr": 1.0}}}}})
+
+    job = Job("toy", None, str(toy.root), "smaml", "wc", 0)
+    plain, _ = run_rml_job(cfg(0), job)
+    adapted, _ = run_rml_job(cfg(3), job)
+    for stage in ("before", "finetune_c"):
+        assert np.abs(adapted[f"p__smaml__{stage}"] - plain[f"p__smaml__{stage}"]).max() > 1e-4
+    assert adapts_at_test(strategy_config("session_maml", {})) and not adapts_at_test(strategy_config("plain", {}))
+    assert job_key(cfg(0), job) != job_key(cfg(3), job)
+
+
+def test_ft_selection_uses_training_rows_only_and_picks_a_candidate(toy, monkeypatch):
+    """``ft_select`` cuts its validation rows from the training split by time and never reads FT
+    or test rows; the choice is one of its candidates, each of which was scored."""
+    from metactr.papers.rml.ft_select import candidates, select_finetuning, validation_cut
+    from metactr.papers.rml.protocol import finetune
+
+    train_split = toy.split("wc_train")
+    fit, ft, test = validation_cut(train_split, 0.25)
+    assert len(fit) + len(ft) + len(test) == len(train_split) and len(test) >= len(ft) > 0
+    if train_split.timestamp is not None:
+        assert fit.timestamp.max() <= ft.timestamp.min() and ft.timestamp.max() <= test.timestamp.min()
+    with pytest.raises(ValueError):
+        validation_cut(train_split.subset(torch.arange(3)), 0.2)
+
+    read = []
+    real = toy.split
+    monkeypatch.setattr(toy, "split", lambda name: (read.append(name), real(name))[1])
+    cfg = ProtocolConfig(mode="full", bootstrap=0, ft_select=True, ft_lr_grid=[1e-3, 1e-2], ft_epochs_grid=[1])
+    strat = strategy_config("plain", {"lr": 0.02})
+    chosen, record = select_finetuning(toy, "wc", "rml", SMALL_RML, strat, cfg, 0, epochs=1, batch_size=32,
+                                       finetune=finetune, clip_norm=strat.clip_norm)
+    assert set(read) == {"wc_train"}, read  # no FT set, no test set
+    assert [(c["ft_lr"], c["ft_epochs"]) for c in record["candidates"]] == candidates(cfg)
+    assert all(c["valid_auc"] is not None for c in record["candidates"])
+    best = max(record["candidates"], key=lambda c: c["valid_auc"])
+    assert (chosen.ft_lr, chosen.ft_epochs) == (best["ft_lr"], best["ft_epochs"]) == tuple(record["chosen"].values())
+
+
+def test_ft_selection_config_checks_and_keeps_old_job_keys():
+    with pytest.raises(ValueError):
+        ProtocolConfig(mode="faithful", ft_select=True)
+    with pytest.raises(ValueError):
+        ProtocolConfig(mode="full", ft_select=True, ft_lr_grid=[0.0])
+    with pytest.raises(ValueError):
+        ProtocolConfig(mode="faithful", ft_epochs=0)
+    assert set(ProtocolConfig().key_dump()) == {"mode", "ft_batch_size", "ft_epochs", "ft_lr", "bootstrap"}
+    assert "ft_lr_grid" in ProtocolConfig(mode="full", ft_select=True).key_dump()
+
+
+def test_no_finetuning_takes_no_step(toy):
+    from metactr.papers.rml.protocol import finetune
+
+    model = build_model("rml", toy.spec, **SMALL_RML)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    assert finetune(model, toy, "wc_finetune_a", opt, ProtocolConfig(mode="full", ft_epochs=0),
+                    torch.Generator().manual_seed(0)) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bench_method_protocol_overrides(toy, tmp_path, capsys):
+    """A method's own ``protocol`` settings reach its jobs (and their keys); a bad one is a one-line
+    error before any work."""
+    import yaml
+
+    from metactr import cli
+    from metactr.papers.bench.config import BenchConfig, rml_protocol
+    from metactr.papers.bench.jobs import Job, job_key
+
+    base = {"protocol": "rml", "datasets": [{"name": "toy", "prepared": str(toy.root)}], "methods": ["a", "b"],
+            "seeds": 1, "rml": {"subsets": ["wc"], "strategy": {"epochs": 1, "batch_size": 32},
+                                "protocol": {"mode": "full", "bootstrap": 0},
+                                "method": {"a": {"model": "rml", "model_kw": SMALL_RML},
+                                           "b": {"model": "rml", "model_kw": SMALL_RML,
+                                                 "protocol": {"ft_select": True, "ft_lr_grid": [1e-3]}}}}}
+    cfg = BenchConfig.model_validate(base)
+    assert not rml_protocol(cfg, "a").ft_select and rml_protocol(cfg, "b").ft_select
+    assert rml_protocol(cfg, "b").ft_lr_grid == [1e-3] and rml_protocol(cfg, "b").mode == "full"
+    ka = job_key(cfg, Job("toy", None, str(toy.root), "a", "wc", 0))
+    assert ka != job_key(cfg, Job("toy", None, str(toy.root), "b", "wc", 0))
+    base["rml"]["method"]["b"]["protocol"] = {"ft_select": True, "mode": "faithful"}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(base))
+    assert cli.main(["bench", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "method.b.protocol" in err[0] and "ft_select" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -196,19 +196,25 @@ def labels_of(raw: RawData, cfg: PrepareConfig) -> tuple[pl.Expr, str]:
     return (pl.col("rating") >= thr).cast(pl.Int8), f"rating >= {thr:g}"
 
 
-def time_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray | None:
-    """Permutation sorting rows by (user, timestamp, file order); None when already sorted.
+def time_order(user: np.ndarray, ts: np.ndarray) -> tuple[str, ...] | None:
+    """The sort keys that put rows in (user, timestamp, file order); None when already sorted.
 
-    Rows arrive in file order, so stable sorts keep file order for ties. Logs usually arrive in
-    time order: then one stable sort by user suffices (much cheaper than a two-key sort).
+    Rows arrive in file order and the sort is stable, so ties keep file order. Logs usually
+    arrive in time order: then one key (user) suffices, much cheaper than two.
     """
     if len(user) < 2:
         return None
     if np.all(user[1:] >= user[:-1]) and np.all((user[1:] > user[:-1]) | (ts[1:] >= ts[:-1])):
         return None
-    if np.all(ts[1:] >= ts[:-1]):
-        return np.argsort(user, kind="stable")
-    return np.lexsort((ts, user))  # stable: user, then time, then file order
+    return ("user",) if np.all(ts[1:] >= ts[:-1]) else ("user", "ts")
+
+
+def sort_rows(keys: tuple[str, ...], **cols: np.ndarray) -> dict[str, np.ndarray]:
+    """``cols`` sorted stably by ``keys`` (Polars' multi-threaded sort: 40M rows by user in 2.8 s
+    on 2 cores, against 10.2 s for NumPy's stable argsort and four gathers; measured here)."""
+    frame = pl.DataFrame(cols).sort(list(keys), maintain_order=True)
+    cols.clear()
+    return {c: frame[c].to_numpy() for c in frame.columns}
 
 
 def encode_log(raw: RawData, cfg: PrepareConfig, *, free_input: bool = False) -> tuple[Log, Vocab, Vocab, str]:
@@ -239,10 +245,12 @@ def encode_log(raw: RawData, cfg: PrepareConfig, *, free_input: bool = False) ->
     del inter, user_cols, item_cols
     if free_input:
         raw.interactions = raw.interactions.clear()
-    order = time_order(user, ts)
-    if order is not None:
-        user, item, ts, label = user[order], item[order], ts[order], label[order]
-        del order
+    keys = time_order(user, ts)
+    if keys is not None:
+        cols = sort_rows(keys, user=user, item=item, ts=ts, label=label)
+        del user, item, ts, label
+        user, item, ts, label = cols["user"], cols["item"], cols["ts"], cols["label"]
+        del cols
     log = Log(user, item, label, ts, n_items=iv.size, has_time=raw.has_time)
     if cfg.filter.dedupe != "none":
         keep = repeat_mask(user, item, cfg.filter.dedupe)

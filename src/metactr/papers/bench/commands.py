@@ -94,10 +94,13 @@ def register(app: typer.Typer) -> None:
             ov.append(f"device={device}")
         if jobs < 1:
             raise ConfigError("--jobs must be >= 1", field="--jobs")
+        from metactr.papers.bench.config import check_methods
         from metactr.utils import claim_out_dir
 
-        claim_out_dir(out, what="bench output", command="metactr bench")  # --quick writes its toy data there
+        if quick:  # --quick writes its toy data there before the config exists
+            claim_out_dir(out, what="bench output", command="metactr bench")
         cfg = load(config, quick, out, ov)
+        check_methods(cfg)  # a bad method or protocol setting: the one-line error, nothing written
         res = run_bench(cfg, out, jobs=min(jobs, os.cpu_count() or 1), echo=typer.echo, report_only=report_only,
                         command="metactr " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         print_leaderboard(res)

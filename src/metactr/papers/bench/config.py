@@ -17,7 +17,14 @@ from pydantic import model_validator
 from metactr.config import StrictModel, load_config
 from metactr.errors import ConfigError
 from metactr.papers.rml.protocol import ProtocolConfig
-from metactr.papers.rml.reproduce import ABLATIONS, META_BASELINES, MethodConfig, ReproduceConfig, job_settings
+from metactr.papers.rml.reproduce import (
+    ABLATIONS,
+    META_BASELINES,
+    MethodConfig,
+    ReproduceConfig,
+    job_settings,
+    method_protocol,
+)
 from metactr.strategies.config import StrategyDefaults
 
 SIMPLE = ("popularity", "rates_lr")
@@ -121,6 +128,7 @@ def check_methods(cfg: BenchConfig) -> list[str]:
     if cfg.protocol == "rml":
         for m in methods:
             rml_settings(cfg, m)
+            rml_protocol(cfg, m)  # a bad per-method protocol setting: ConfigError before any work
     else:
         bases = [b["name"] for b in cfg.metaselector.get("base_models", [])] or list(BASE_MODELS)
         bad = [m for m in methods if m not in bases and m not in SELECTOR_METHODS]
@@ -142,6 +150,11 @@ def rml_settings(cfg: BenchConfig, method: str) -> tuple[str, dict, Any, float, 
     rc = ReproduceConfig(methods=[method], strategy=cfg.rml.strategy, protocol=cfg.rml.protocol, method=extra,
                          max_hist_len=cfg.rml.max_hist_len)
     return job_settings(rc, method)
+
+
+def rml_protocol(cfg: BenchConfig, method: str) -> ProtocolConfig:
+    """The protocol settings of an rml-protocol method (``rml.protocol`` with the method's overrides)."""
+    return method_protocol(cfg.rml.protocol, method, cfg.rml.method.get(method))
 
 
 def load_bench_config(path, overrides: list[str] | None = None) -> BenchConfig:

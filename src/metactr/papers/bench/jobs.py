@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metactr.papers.bench.config import BenchConfig, rml_settings
+from metactr.papers.bench.config import BenchConfig, rml_protocol, rml_settings
 from metactr.papers.rml.protocol import FT_STAGES
 
 STAGES = ("before", *FT_STAGES)
@@ -49,12 +49,22 @@ def job_key(cfg: BenchConfig, job: Job) -> str:
     if cfg.protocol == "rml":
         model, kw, strat, epochs, bs = rml_settings(cfg, job.method)
         settings = {"model": model, "kw": kw, "strategy": strat.model_dump(), "epochs": epochs, "batch_size": bs,
-                    "protocol": cfg.rml.protocol.model_dump(), "hist": cfg.rml.max_hist_len}
+                    "protocol": rml_protocol(cfg, job.method).key_dump(), "hist": cfg.rml.max_hist_len}
+        if adapts_at_test(strat):  # scored after per-session adaptation since 2026-12-07 (stop 14):
+            settings["test_adaptation"] = 1  # jobs scored before that fix are stale and run again
     else:
         settings = {"metaselector": cfg.metaselector}
     blob = json.dumps({"data": _data_id(job.prepared), "protocol": cfg.protocol, "settings": settings,
                        "subset": job.subset, "seed": job.seed, "v": 1}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def adapts_at_test(strat) -> bool:
+    """Whether the strategy adapts every session on its own history before scoring it."""
+    from metactr.strategies.base import strategy_registry
+
+    cls = strategy_registry().get(getattr(strat, "name", ""))
+    return cls is not None and hasattr(cls, "test_adaptation")
 
 
 def is_done(runs: Path, cfg: BenchConfig, job: Job) -> bool:
@@ -103,6 +113,7 @@ def run_rml_job(cfg: BenchConfig, job: Job) -> tuple[dict[str, np.ndarray], dict
     import torch
 
     from metactr.engine.device import resolve_device
+    from metactr.eval.adapted import session_adapted_proba
     from metactr.eval.predict import predict_proba
     from metactr.models.base import build_model
     from metactr.papers.rml.protocol import finetune
@@ -122,6 +133,15 @@ def run_rml_job(cfg: BenchConfig, job: Job) -> tuple[dict[str, np.ndarray], dict
         model.use_stats(ds, seen)
     model.to(device)
     trainer = Trainer(device=device)
+    proto, extra = rml_protocol(cfg, job.method), {}
+    if proto.ft_select and not counts:  # FT rate and passes chosen on rows cut from train (papers.rml.ft_select)
+        from metactr.papers.rml.ft_select import select_finetuning
+
+        proto, extra["ft_selection"] = select_finetuning(ds, sub, model_name, kw, strat, proto, job.seed, epochs=epochs,
+                                                         batch_size=bs, finetune=finetune, clip_norm=strat.clip_norm,
+                                                         trainer=trainer)
+        seed_everything(job.seed)  # the main run trains exactly as it would without the selection
+        model = build_model(model_name, ds.spec, **kw).to(device)
     t0 = time.perf_counter()
     fitted = trainer.fit(model, ds, f"{sub}_train", build_strategy(strat), epochs=epochs, batch_size=bs,
                          generator=torch.Generator().manual_seed(job.seed))
@@ -129,15 +149,17 @@ def run_rml_job(cfg: BenchConfig, job: Job) -> tuple[dict[str, np.ndarray], dict
     gen = torch.Generator().manual_seed(job.seed + 7919)
     test = ds.split(f"{sub}_test")
     out = {"y": test.label.numpy().astype(np.int8), "user": test.user_id.numpy().astype(np.int64)}
+    adapt_fn = getattr(fitted.strategy, "test_adaptation", None)
     for stage in STAGES:
         if stage != "before":
             seen.append(f"{sub}_{stage}")
             if counts:
                 model.use_stats(ds, seen)
-            finetune(model, ds, f"{sub}_{stage}", fitted.strategy.optimizer, cfg.rml.protocol, gen,
-                     strat.clip_norm, trainer)
-        out[f"p__{job.method}__{stage}"] = predict_proba(model, ds, test).astype(np.float32)
-    return out, {"train_s": round(train_s, 2)}
+            finetune(model, ds, f"{sub}_{stage}", fitted.strategy.optimizer, proto, gen, strat.clip_norm, trainer)
+        adapt = adapt_fn() if adapt_fn is not None else None  # a session strategy adapts each session first
+        prob = predict_proba(model, ds, test) if adapt is None else session_adapted_proba(model, ds, test, **adapt)
+        out[f"p__{job.method}__{stage}"] = prob.astype(np.float32)
+    return out, {"train_s": round(train_s, 2), **extra}
 
 
 def run_selector_job(cfg: BenchConfig, job: Job, methods: list[str]) -> tuple[dict[str, np.ndarray], dict]:

@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field as PField
+from pydantic import model_validator
 
 from metactr.config import StrictModel
-from metactr.data.prepared import PreparedDataset
+from metactr.data.prepared import PreparedDataset, Split
 from metactr.eval.metrics import auc as auc_score
 from metactr.eval.metrics import bootstrap_ci95
 from metactr.eval.metrics import logloss as logloss_score
@@ -46,22 +47,49 @@ class ProtocolConfig(StrictModel):
 
     mode: Literal["faithful", "full"] = "faithful"
     ft_batch_size: int = PField(128, gt=0)
-    ft_epochs: int = PField(1, ge=1)
+    ft_epochs: int = PField(1, ge=0)  # full mode: 0 = no fine-tuning
     ft_lr: float | None = PField(None, gt=0)  # None: keep the optimizer's (decayed) rate
     bootstrap: int = PField(1000, ge=0)  # resamples for the single-test-set interval (0: off)
+    # choose ft_lr / ft_epochs on validation rows cut from the training split (``ft_select``)
+    ft_select: bool = False
+    ft_lr_grid: list[float] = PField([3e-4, 1e-3, 3e-3], min_length=1)
+    ft_epochs_grid: list[int] = PField([1, 3], min_length=1)
+    ft_valid_fraction: float = PField(0.2, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _check(self) -> ProtocolConfig:
+        if self.ft_select and self.mode != "full":
+            raise ValueError("ft_select needs mode: full (the faithful mode fine-tunes as the authors did)")
+        if self.ft_epochs == 0 and self.mode != "full":
+            raise ValueError("ft_epochs: 0 (no fine-tuning) needs mode: full")
+        if any(x <= 0 for x in self.ft_lr_grid) or any(e < 1 for e in self.ft_epochs_grid):
+            raise ValueError("ft_lr_grid rates must be > 0 and ft_epochs_grid passes >= 1")
+        return self
+
+    def key_dump(self) -> dict:
+        """``model_dump()`` without the selection settings while ``ft_select`` is off: the job keys of
+        runs made before they existed stay valid."""
+        d = self.model_dump()
+        if not self.ft_select:
+            for k in ("ft_select", "ft_lr_grid", "ft_epochs_grid", "ft_valid_fraction"):
+                d.pop(k)
+        return d
 
 
-def finetune(model: CTRModel, dataset: PreparedDataset, split: str, opt: torch.optim.Optimizer,
+def finetune(model: CTRModel, dataset: PreparedDataset, split: str | Split, opt: torch.optim.Optimizer,
              cfg: ProtocolConfig, gen: torch.Generator, clip_norm: float | None = 5.0,
              trainer: Trainer | None = None) -> int:
     """Fine-tune every model parameter on ``split`` (the training's optimizer, state and rate
     kept); returns the number of steps taken."""
+    faithful = cfg.mode == "faithful"
+    if not faithful and cfg.ft_epochs == 0:
+        return 0
     if cfg.ft_lr is not None:
         for g in opt.param_groups:
             g["lr"] = cfg.ft_lr
-    passes = 1 if cfg.mode == "faithful" else cfg.ft_epochs
-    faithful = cfg.mode == "faithful"
-    n = len(dataset.split(split))  # (a faithful FT set below one batch takes no step, but draws its shuffle)
+    passes = 1 if faithful else cfg.ft_epochs
+    # (a faithful FT set below one batch takes no step, but draws its shuffle)
+    n = len(dataset.split(split) if isinstance(split, str) else split)
     result = (trainer or Trainer()).fit(model, dataset, split, FineTune(opt, clip_norm), epochs=passes,
                                         batch_size=cfg.ft_batch_size, generator=gen, drop_last=faithful)
     per = n // cfg.ft_batch_size if faithful else -(-n // cfg.ft_batch_size)
@@ -96,6 +124,13 @@ def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_k
     for s in ("train", "test", *FT_STAGES):
         dataset.split(f"{subset}_{s}")  # fail early (DataError) on a missing split
     trainer = trainer or Trainer()
+    selection = None
+    if cfg.ft_select:  # FT rate and passes chosen on rows cut from the training split, before training
+        from metactr.papers.rml.ft_select import select_finetuning
+
+        cfg, selection = select_finetuning(dataset, subset, model_name, model_kw, strategy, cfg, seed, epochs=epochs,
+                                           batch_size=batch_size, finetune=finetune, clip_norm=strategy.clip_norm,
+                                           trainer=trainer)
     seed_everything(seed)
     model = build_model(model_name, dataset.spec, **model_kw)
     t0 = time.perf_counter()
@@ -117,6 +152,8 @@ def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_k
         if on_scores is not None:
             on_scores(stage, y, prob)
         row = {"subset": subset, "stage": stage, "seed": seed, "ft_steps": steps, **m, "train_s": round(train_s, 2)}
+        if selection is not None:
+            row["ft_selection"] = selection["chosen"]
         if cfg.mode == "faithful":  # also every test row, to compare with the authors' partial scoring
             full, _, _ = evaluate(model, dataset, test, torch.arange(len(dataset.split(test))), adapt)
             row.update({f"{k}_all_rows": v for k, v in full.items()})

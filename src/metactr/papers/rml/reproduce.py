@@ -49,6 +49,18 @@ class MethodConfig(StrictModel):
     strategy: str = "plain"
     model_kw: dict[str, Any] = {}
     strategy_kw: dict[str, Any] = {}
+    protocol: dict[str, Any] = {}  # this method's ProtocolConfig overrides, e.g. {ft_select: true}
+
+
+def method_protocol(base: ProtocolConfig, name: str, mc: MethodConfig | None) -> ProtocolConfig:
+    """The protocol settings of method ``name``: ``base`` with the method's own overrides."""
+    if mc is None or not mc.protocol:
+        return base
+    try:
+        return ProtocolConfig(**{**base.model_dump(), **mc.protocol})
+    except ValueError as e:
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"method '{name}': bad protocol setting(s): {msg[:300]}", field=f"method.{name}.protocol") from None
 
 
 class ReproduceConfig(StrictModel):
@@ -97,7 +109,8 @@ def _job_key(data: str, cfg: ReproduceConfig, method: str, subset: str, seed: in
     model, kw, strat, epochs, batch_size = job_settings(cfg, method)
     blob = json.dumps({"data": str(Path(data).resolve()), "model": model, "kw": kw, "strategy": strat.model_dump(),
                        "epochs": epochs, "batch_size": batch_size,
-                       "protocol": cfg.protocol.model_dump(), "hist": cfg.max_hist_len, "subset": subset,
+                       "protocol": method_protocol(cfg.protocol, method, cfg.method.get(method)).key_dump(),
+                       "hist": cfg.max_hist_len, "subset": subset,
                        "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -118,7 +131,8 @@ def _run_job(data: str, cfg_json: str, method: str, subset: str, seed: int, out_
         _DATASETS[key] = PreparedDataset(data, max_hist_len=cfg.max_hist_len)
     model, kw, strat, epochs, batch_size = job_settings(cfg, method)
     t0 = time.perf_counter()
-    rows = run_protocol(_DATASETS[key], subset, model, kw, strat, cfg.protocol, seed, epochs=epochs,
+    proto = method_protocol(cfg.protocol, method, cfg.method.get(method))
+    rows = run_protocol(_DATASETS[key], subset, model, kw, strat, proto, seed, epochs=epochs,
                         batch_size=batch_size)
     wall = time.perf_counter() - t0
     write_json_atomic(out_file, {"key": _job_key(data, cfg, method, subset, seed), "method": method,
