@@ -30,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT / "runs" / "bench_ctr_data_1000000_200000_0")
     ap.add_argument("--model", default="deepfm", choices=["deepfm", "din"])
-    ap.add_argument("--compare", required=True, choices=["precision", "gather"],
-                    help="precision: fp32 (A) vs bf16 (B); gather: x[idx] (A) vs take_rows/index_select (B)")
+    ap.add_argument("--compare", required=True, choices=["precision", "gather", "compile"],
+                    help="precision: fp32 (A) vs bf16 (B); gather: x[idx] (A) vs take_rows/index_select (B); "
+                         "compile: eager (A) vs torch.compile of the model (B, inductor; its compile time is "
+                         "reported apart: the first B block)")
     ap.add_argument("--predict", action="store_true", help="time prediction batches instead of training steps")
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--steps", type=int, default=40, help="steps (or batches) per block")
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.model, ds.spec, **model_hparams(args.model))
     opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=1e-3))
     loss_fn = LossModule(model)
+    compiled = torch.compile(model, dynamic=False) if args.compare == "compile" else None
+    fwd = model
     gen = torch.Generator().manual_seed(0)
     stream = iter(())
 
@@ -75,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def use(variant: str) -> str:
         """Switch to variant A or B; returns the precision the forward runs in."""
+        nonlocal fwd
+        if args.compare == "compile":
+            fwd = compiled if variant == "B" else model
+            loss_fn.model = fwd
+            return "fp32"
         if args.compare == "gather":
             prepared.take_rows = take_rows if variant == "B" else (lambda x, idx: x[idx])
             return "fp32"
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             model.eval()
             with torch.inference_mode(), autocast("cpu", precision):
                 for _ in range(args.steps):
-                    torch.sigmoid(model(next_batch()).logit.float())
+                    torch.sigmoid(fwd(next_batch()).logit.float())
         else:
             model.train()
             loss_fn.precision = precision
@@ -98,13 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         return (time.perf_counter() - t0) / args.steps * 1e3
 
     block(use("A"))  # warm-up of both paths
+    t_first = time.perf_counter()
     block(use("B"))
+    first_b_s = time.perf_counter() - t_first  # with --compare compile: the compilation
+    if args.compare == "compile":
+        print(f"first B block (compilation + {args.steps} steps): {first_b_s:.1f} s")
     times: dict[str, list[float]] = {"A": [], "B": []}
     for p in range(args.pairs):
         for v in ("A", "B") if p % 2 == 0 else ("B", "A"):
             times[v].append(block(use(v)))
     ratios = [a / b for a, b in zip(times["A"], times["B"], strict=True)]
-    names = {"precision": ("fp32", "bf16"), "gather": ("x[idx]", "index_select")}[args.compare]
+    names = {"precision": ("fp32", "bf16"), "gather": ("x[idx]", "index_select"),
+             "compile": ("eager", "compiled")}[args.compare]
     what = "prediction batch" if args.predict else "training step"
     for v, name in zip("AB", names, strict=True):
         print(f"{v} {name:12s} median {statistics.median(times[v]):.3f} ms per {what}  "
@@ -118,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(args.out, {"command": "python benchmarks/ab_step.py " + " ".join(sys.argv[1:]),
                                      "data": str(args.data), "model": args.model, "compare": args.compare,
                                      "variants": dict(zip("AB", names, strict=True)), "predict": args.predict,
-                                     "ms": times, "machine": machine(), "ratio_median": statistics.median(ratios), "ratios": ratios})
+                                     "ms": times, "first_b_block_s": first_b_s,
+                                     "machine": machine(), "ratio_median": statistics.median(ratios), "ratios": ratios})
     return 0
 
 

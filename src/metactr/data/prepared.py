@@ -93,6 +93,15 @@ class Split:
         return cls(name, ints[:, 0], ints[:, 3:3 + L], ints[:, 2], floats[:, 1:], ints[:, 1], floats[:, 0],
                    ints[:, 3 + L:], timestamp, rows=(ints, floats))
 
+    @classmethod
+    def concat(cls, name: str, splits: list[Split]) -> Split:
+        """The rows of ``splits`` one after another (timestamps kept when every split has them)."""
+        if not splits:
+            raise ValueError("Split.concat needs at least one split")
+        ts = torch.cat([s.timestamp for s in splits]) if all(s.timestamp is not None for s in splits) else None
+        cols = ("user_id", "hist_ids", "hist_len", "hist_labels", "target", "label", "context")
+        return cls.packed(name, *(torch.cat([getattr(s, c) for s in splits]) for c in cols), ts)
+
     def subset(self, idx: Tensor | slice) -> Split:
         ts = None if self.timestamp is None else take_rows(self.timestamp, idx)
         if self.rows is not None:

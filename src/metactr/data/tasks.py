@@ -44,11 +44,11 @@ def pad_tasks(index_lists: Sequence, size: int | None = None) -> tuple[Tensor, T
         raise ValueError(f"task size must be > 0, got {S}")
     flat = np.concatenate(arrays)
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    idx, weight = _gather_padded(flat, starts, lens, S)
+    idx, weight = gather_padded(flat, starts, lens, S)
     return torch.from_numpy(idx), torch.from_numpy(weight)
 
 
-def _gather_padded(order: np.ndarray, starts: np.ndarray, lens: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def gather_padded(order: np.ndarray, starts: np.ndarray, lens: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``order[starts[t] : starts[t] + min(lens[t], size)]`` per task, padded with the first row."""
     j = np.arange(size)[None, :]
     kept = np.minimum(lens, size)[:, None]
@@ -79,6 +79,17 @@ class TaskBatch(NamedTuple):
     users: Tensor  # [T] user ids
 
 
+def group_rows_by_time(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``group_rows`` with each user's rows in time order (timestamp, then file order; file order
+    alone when the split has no timestamps)."""
+    user_id = split.user_id.numpy()
+    if split.timestamp is None:
+        return group_rows(user_id)
+    order = np.lexsort((split.timestamp.numpy(), user_id))  # stable: ties keep file order
+    users, starts, counts = np.unique(user_id[order], return_index=True, return_counts=True)
+    return users, order, starts, counts
+
+
 def group_rows(user_id: np.ndarray, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Group row indices by user: ``(users, order, starts, counts)`` so that the rows of
     ``users[k]`` are ``order[starts[k]:starts[k]+counts[k]]`` (shuffled within the user when
@@ -100,11 +111,19 @@ class UserTaskSampler:
     skipped). Two splits (e.g. ``ms_support`` / ``ms_query``): support rows come from ``split``,
     query rows from ``query_split``, matched by user (users present in both).
     Supports/queries longer than ``support_size``/``query_size`` are cut (random rows).
+    ``order="time"`` (one split): no shuffling; each user's rows in time order (timestamp, then
+    file order), the support is the latest ``support_size`` rows before the query and the query the
+    next ``query_size`` rows: a user's recent past predicts their near future.
     """
 
     def __init__(self, dataset: PreparedDataset, split: str, *, query_split: str | None = None,
                  tasks_per_batch: int = 32, support_size: int = 20, query_size: int = 10,
-                 query_frac: float = 0.5, drop_last: bool = False) -> None:
+                 query_frac: float = 0.5, drop_last: bool = False, order: str = "random") -> None:
+        if order not in ("random", "time"):
+            raise ValueError(f"order must be 'random' or 'time', got {order!r}")
+        if order == "time" and query_split is not None:
+            raise ValueError("order='time' cuts one split into support and query; query_split must be None")
+        self.order = order
         if tasks_per_batch <= 0 or support_size <= 0 or query_size <= 0:
             raise ValueError("tasks_per_batch, support_size and query_size must be > 0")
         if not 0.0 < query_frac < 1.0:
@@ -131,7 +150,10 @@ class UserTaskSampler:
         return n // self.tasks_per_batch if self.drop_last else -(-n // self.tasks_per_batch)
 
     def _plan(self, split: Split, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        users, order, starts, counts = group_rows(split.user_id.numpy(), rng)
+        if self.order == "time":
+            users, order, starts, counts = group_rows_by_time(split)
+        else:
+            users, order, starts, counts = group_rows(split.user_id.numpy(), rng)
         pos = np.searchsorted(users, self.users)
         return order, starts[pos], counts[pos]
 
@@ -146,6 +168,9 @@ class UserTaskSampler:
             n_q = np.minimum(n_q, s_count - 1)
             n_s = s_count - n_q
             q_order, q_start, q_count = order, s_start + n_s, n_q
+            if self.order == "time":  # the latest support rows, right before the query
+                s_start = s_start + np.maximum(0, n_s - self.support_size)
+                n_s = np.minimum(n_s, self.support_size)
             s_count = n_s
         else:
             q_order, q_start, q_count = self._plan(self.query_split, rng)
@@ -155,8 +180,8 @@ class UserTaskSampler:
         q_src = self.split if self.query_split is None else self.query_split
         for b in range(0, stop, T):
             k = perm[b:b + T]
-            s_idx, s_w = _gather_padded(order, s_start[k], s_count[k], self.support_size)
-            q_idx, q_w = _gather_padded(q_order, q_start[k], q_count[k], self.query_size)
+            s_idx, s_w = gather_padded(order, s_start[k], s_count[k], self.support_size)
+            q_idx, q_w = gather_padded(q_order, q_start[k], q_count[k], self.query_size)
             s_idx_t, q_idx_t = torch.from_numpy(s_idx), torch.from_numpy(q_idx)
             yield TaskBatch(task_batch(self.dataset, self.split, s_idx_t), torch.from_numpy(s_w),
                             task_batch(self.dataset, q_src, q_idx_t), torch.from_numpy(q_w),
@@ -179,8 +204,8 @@ def item_task_batches(dataset: PreparedDataset, split: str, *, tasks_per_batch: 
     perm = rng.permutation(items.size)
     for b in range(0, perm.size, tasks_per_batch):
         k = perm[b:b + tasks_per_batch]
-        a_idx, a_w = _gather_padded(order, starts[k], n_a[k], a_size)
-        b_idx, b_w = _gather_padded(order, starts[k] + n_a[k], counts[k] - n_a[k], b_size)
+        a_idx, a_w = gather_padded(order, starts[k], n_a[k], a_size)
+        b_idx, b_w = gather_padded(order, starts[k] + n_a[k], counts[k] - n_a[k], b_size)
         yield (torch.from_numpy(items[k]), task_batch(dataset, s, torch.from_numpy(a_idx)), torch.from_numpy(a_w),
                task_batch(dataset, s, torch.from_numpy(b_idx)), torch.from_numpy(b_w))
 

@@ -58,7 +58,7 @@ class _TaskStrategy(Strategy):
         self.names = group_names(ctx.model, self.adapt_groups)
         self.sampler = UserTaskSampler(ctx.dataset, ctx.split.name, tasks_per_batch=cfg.tasks_per_batch,
                                        support_size=cfg.support_size, query_size=cfg.query_size,
-                                       query_frac=cfg.query_frac)
+                                       query_frac=cfg.query_frac, order=getattr(cfg, "task_order", "random"))
         self.named = live_params(ctx.model)
         self.params = list(ctx.model.parameters())
         self.rates: MetaSGDRates | None = None
@@ -117,6 +117,16 @@ class MAML(_TaskStrategy):
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return {f"rates.{k}": v for k, v in self.rates.state_dict(keep_vars=True).items()} if self.rates else {}
+
+    def test_user_adaptation(self) -> dict[str, Any] | None:
+        """With ``test_adapt``: how the protocol adapts each user at FT/test (names, rate(s), steps,
+        support size; ``eval.adapted.user_adapted_proba``); None otherwise."""
+        if not self.cfg.test_adapt:
+            return None
+        lr = self.rates.as_dict() if self.rates is not None else self.cfg.inner_lr
+        if isinstance(lr, dict):
+            lr = {k: v.detach().clamp_min(0.0) for k, v in lr.items()}
+        return {"names": self.names, "lr": lr, "steps": self.cfg.inner_steps, "support_size": self.cfg.support_size}
 
 
 @register_strategy

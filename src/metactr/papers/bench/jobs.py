@@ -113,8 +113,7 @@ def run_rml_job(cfg: BenchConfig, job: Job) -> tuple[dict[str, np.ndarray], dict
     import torch
 
     from metactr.engine.device import resolve_device
-    from metactr.eval.adapted import session_adapted_proba
-    from metactr.eval.predict import predict_proba
+    from metactr.eval.adapted import protocol_proba
     from metactr.models.base import build_model
     from metactr.papers.rml.protocol import finetune
     from metactr.strategies import build_strategy
@@ -149,15 +148,14 @@ def run_rml_job(cfg: BenchConfig, job: Job) -> tuple[dict[str, np.ndarray], dict
     gen = torch.Generator().manual_seed(job.seed + 7919)
     test = ds.split(f"{sub}_test")
     out = {"y": test.label.numpy().astype(np.int8), "user": test.user_id.numpy().astype(np.int64)}
-    adapt_fn = getattr(fitted.strategy, "test_adaptation", None)
     for stage in STAGES:
         if stage != "before":
             seen.append(f"{sub}_{stage}")
             if counts:
                 model.use_stats(ds, seen)
             finetune(model, ds, f"{sub}_{stage}", fitted.strategy.optimizer, proto, gen, strat.clip_norm, trainer)
-        adapt = adapt_fn() if adapt_fn is not None else None  # a session strategy adapts each session first
-        prob = predict_proba(model, ds, test) if adapt is None else session_adapted_proba(model, ds, test, **adapt)
+        # a session strategy adapts each session first, a user-level one each user (on the splits seen)
+        prob = protocol_proba(model, ds, test, fitted.strategy, seen)
         out[f"p__{job.method}__{stage}"] = prob.astype(np.float32)
     return out, {"train_s": round(train_s, 2), **extra}
 

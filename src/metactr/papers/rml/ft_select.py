@@ -10,8 +10,8 @@ steps or another rate help depends on the data and the model, and test rows must
    epochs and seed.
 2. Each candidate (no fine-tuning, and every ``ft_lr_grid`` x ``ft_epochs_grid`` pair) fine-tunes
    a copy of the probe (weights and optimizer state restored before each) on the pseudo-FT rows
-   and is scored (AUC) on the pseudo-test rows, adapting each session first where the strategy
-   does so at test.
+   and is scored (AUC) on the pseudo-test rows as the protocol scores test rows (each session or
+   user adapted first where the strategy does so at test).
 3. The best candidate's rate and passes are used for FT-A/B/C of the real run (``ft_epochs`` 0:
    no fine-tuning). Ties keep the earlier candidate, so "no fine-tuning" wins unless a candidate
    beats it.
@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from metactr.data.prepared import PreparedDataset, Split
-from metactr.eval.adapted import session_adapted_proba
+from metactr.eval.adapted import protocol_proba
 from metactr.eval.metrics import auc as auc_score
-from metactr.eval.predict import predict_proba
 from metactr.models.base import build_model
 from metactr.strategies import build_strategy
 from metactr.train.trainer import Trainer
@@ -56,10 +55,6 @@ def candidates(cfg) -> list[tuple[float | None, int]]:
     return [(None, 0)] + [(lr, ep) for ep in cfg.ft_epochs_grid for lr in cfg.ft_lr_grid]
 
 
-def _score(model, dataset: PreparedDataset, split: Split, adapt: dict | None) -> float | None:
-    prob = predict_proba(model, dataset, split) if adapt is None else session_adapted_proba(model, dataset, split,
-                                                                                           **adapt)
-    return auc_score(split.label.numpy(), prob)
 
 
 def select_finetuning(dataset: PreparedDataset, subset: str, model_name: str, model_kw: dict, strategy: Any,
@@ -76,7 +71,6 @@ def select_finetuning(dataset: PreparedDataset, subset: str, model_name: str, mo
     fitted = trainer.fit(model, dataset, fit, build_strategy(strategy), epochs=epochs, batch_size=batch_size,
                          generator=torch.Generator().manual_seed(seed))
     opt = fitted.strategy.optimizer
-    adapt_fn = getattr(fitted.strategy, "test_adaptation", None)
     weights, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     table, best = [], None
     for lr, passes in candidates(cfg):
@@ -85,7 +79,8 @@ def select_finetuning(dataset: PreparedDataset, subset: str, model_name: str, mo
         if passes:
             finetune(model, dataset, ft, opt, cfg.model_copy(update={"ft_lr": lr, "ft_epochs": passes}),
                      torch.Generator().manual_seed(seed + 7919), clip_norm, trainer)
-        auc = _score(model, dataset, test, adapt_fn() if adapt_fn is not None else None)
+        seen = [fit] + ([ft] if passes else [])  # what a user-level variant may adapt on
+        auc = auc_score(test.label.numpy(), protocol_proba(model, dataset, test, fitted.strategy, seen))
         table.append({"ft_lr": lr, "ft_epochs": passes, "valid_auc": auc})
         if auc is not None and (best is None or auc > best["valid_auc"]):
             best = table[-1]

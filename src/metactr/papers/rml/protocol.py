@@ -21,8 +21,7 @@ from metactr.data.prepared import PreparedDataset, Split
 from metactr.eval.metrics import auc as auc_score
 from metactr.eval.metrics import bootstrap_ci95
 from metactr.eval.metrics import logloss as logloss_score
-from metactr.eval.adapted import session_adapted_proba
-from metactr.eval.predict import predict_proba
+from metactr.eval.adapted import protocol_proba
 from metactr.data.split import FT_STAGES
 from metactr.models.base import CTRModel, build_model
 from metactr.strategies import build_strategy
@@ -105,11 +104,11 @@ def scored_rows(n: int, cfg: ProtocolConfig, gen: torch.Generator) -> torch.Tens
 
 
 def evaluate(model: CTRModel, dataset: PreparedDataset, split: str, rows: torch.Tensor,
-             adapt: dict | None = None) -> tuple[dict, list, list]:
-    """Metrics of ``rows`` of ``split``; with ``adapt`` (a session strategy's ``test_adaptation``),
-    each session is adapted on its own history before its target is scored."""
+             strategy=None, seen: list[str] = ()) -> tuple[dict, list, list]:
+    """Metrics of ``rows`` of ``split``, scored as ``eval.adapted.protocol_proba`` says for the
+    trained ``strategy`` (per-session or per-user adaptation on the ``seen`` splits, else plain)."""
     s = dataset.split(split).subset(rows)
-    prob = predict_proba(model, dataset, s) if adapt is None else session_adapted_proba(model, dataset, s, **adapt)
+    prob = protocol_proba(model, dataset, s, strategy, seen)
     y = s.label.numpy()
     return {"auc": auc_score(y, prob), "logloss": logloss_score(y, prob), "n_test": int(y.size)}, y, prob
 
@@ -140,22 +139,21 @@ def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_k
     gen = torch.Generator().manual_seed(seed + 7919)
     test = f"{subset}_test"
     rows_idx = scored_rows(len(dataset.split(test)), cfg, gen)
-    adapt_fn = getattr(fitted.strategy, "test_adaptation", None)  # session strategies adapt at test
-    out = []
+    out, seen = [], [f"{subset}_train"]
     for stage in ("before", *FT_STAGES):
         steps = 0
         if stage != "before":
             steps = finetune(model, dataset, f"{subset}_{stage}", fitted.strategy.optimizer, cfg, gen,
                              strategy.clip_norm, trainer)
-        adapt = adapt_fn() if adapt_fn is not None else None
-        m, y, prob = evaluate(model, dataset, test, rows_idx, adapt)
+            seen.append(f"{subset}_{stage}")
+        m, y, prob = evaluate(model, dataset, test, rows_idx, fitted.strategy, seen)
         if on_scores is not None:
             on_scores(stage, y, prob)
         row = {"subset": subset, "stage": stage, "seed": seed, "ft_steps": steps, **m, "train_s": round(train_s, 2)}
         if selection is not None:
             row["ft_selection"] = selection["chosen"]
         if cfg.mode == "faithful":  # also every test row, to compare with the authors' partial scoring
-            full, _, _ = evaluate(model, dataset, test, torch.arange(len(dataset.split(test))), adapt)
+            full, _, _ = evaluate(model, dataset, test, torch.arange(len(dataset.split(test))), fitted.strategy, seen)
             row.update({f"{k}_all_rows": v for k, v in full.items()})
         if cfg.bootstrap and stage == "finetune_c":
             _, lo, hi = bootstrap_ci95(y, prob, n_boot=cfg.bootstrap, seed=seed)
