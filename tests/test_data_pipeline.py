@@ -103,6 +103,29 @@ def test_synthetic_generator_is_seeded_and_streams(tmp_path):
         generate(tmp_path / "c.parquet", n_users=5, n_items=10, n_rows=0, seed=1)
 
 
+def test_synthetic_propensity_moves_a_user_within_a_period_and_changes_nothing_else(tmp_path):
+    """``propensity_sigma`` adds c_u(period) to every logit of user u in that period, drawn from its
+    own stream: users, items, times and (without it) the probabilities are the same draws."""
+    kw = dict(n_users=40, n_items=30, n_rows=20_000, seed=5, chunk_rows=7000, propensity_periods=10)
+    base = pl.read_parquet(generate(tmp_path / "a.parquet", **kw))
+    prop = pl.read_parquet(generate(tmp_path / "b.parquet", **kw, propensity_sigma=0.8, propensity_rho=0.5))
+    assert base.select("user_id", "item_id", "timestamp").equals(prop.select("user_id", "item_id", "timestamp"))
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    d = logit(prop["p_click"].to_numpy().astype(np.float64)) - logit(base["p_click"].to_numpy().astype(np.float64))
+    t = base["timestamp"].to_numpy()
+    from metactr.data.synth import START
+
+    period = np.minimum((t - START) * 10 // (180 * 86_400), 9)  # the generator's periods (days=180)
+    frame = pl.DataFrame({"u": base["user_id"], "q": period, "d": d})
+    g = frame.group_by("u", "q").agg(pl.col("d").std().alias("sd"), pl.col("d").mean().alias("m"), pl.len())
+    assert g.filter(pl.col("len") > 1)["sd"].max() < 1e-3  # one shift per user and period
+    assert 0.6 < g["m"].std() < 1.0  # across users and periods: about propensity_sigma
+    again = pl.read_parquet(generate(tmp_path / "c.parquet", **kw, propensity_sigma=0.8, propensity_rho=0.5))
+    assert again.equals(prop)
+    with pytest.raises(ConfigError, match="propensity_rho"):
+        generate(tmp_path / "d.parquet", **kw, propensity_sigma=0.5, propensity_rho=1.5)
+
+
 # ------------------------------------------------------------------------------- real data
 def pandas_rml_recount(ratings: pd.DataFrame, prep: Path, *, threshold: float, min_user: int = 20,
                        subset_min: int = 20) -> dict:

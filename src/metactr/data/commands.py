@@ -28,7 +28,14 @@ def download(name: str = typer.Argument(..., help="ml-1m, ml-100k, ml-latest-sma
 def synth(out: Path = typer.Option(..., "--out", help="interaction Parquet file to write"),
           users: int = typer.Option(2000, "--users"), items: int = typer.Option(1000, "--items"),
           rows: int = typer.Option(100_000, "--rows"), seed: int = typer.Option(0, "--seed"),
-          topics: int = typer.Option(8, "--topics", help="latent dimension / number of item topics")) -> None:
+          topics: int = typer.Option(8, "--topics", help="latent dimension / number of item topics"),
+          propensity_sigma: float = typer.Option(0.0, "--propensity-sigma",
+                                                 help="sd of a per-user click propensity that drifts over the log "
+                                                      "(0: none; docs/synthetic.md)"),
+          propensity_periods: int = typer.Option(60, "--propensity-periods",
+                                                 help="periods the propensity changes over"),
+          propensity_rho: float = typer.Option(0.9, "--propensity-rho",
+                                               help="AR(1) coefficient of the propensity between periods")) -> None:
     """Generate a seeded synthetic click log (latent interests that drift; logistic clicks)."""
     from metactr.data.synth import generate
     from metactr.utils import check_out_file
@@ -37,7 +44,9 @@ def synth(out: Path = typer.Option(..., "--out", help="interaction Parquet file 
     for p, cols in ((out, SYNTH_COLUMNS), (out.with_name(out.stem + ".users.parquet"), SYNTH_USER_COLUMNS),
                     (out.with_name(out.stem + ".items.parquet"), SYNTH_ITEM_COLUMNS)):
         check_out_file(p, is_ours=lambda f, cols=cols: _parquet_columns(f) == cols, what="synthetic data")
-    path = generate(out, n_users=users, n_items=items, n_rows=rows, seed=seed, n_topics=topics)
+    path = generate(out, n_users=users, n_items=items, n_rows=rows, seed=seed, n_topics=topics,
+                    propensity_sigma=propensity_sigma, propensity_periods=propensity_periods,
+                    propensity_rho=propensity_rho)
     typer.echo(f"wrote {rows:,} interactions to {path}")
 
 

@@ -11,7 +11,14 @@ Generative model (K = ``n_topics`` latent dimensions, E = ``n_epochs`` time peri
 * row r (time-ordered): time t_r uniform over [start, start + days), rows sorted by time;
   epoch e = floor(E * (t_r - start) / span); user u ~ Categorical(a / sum a);
   shown topic k ~ Categorical(softmax(exposure_temp * x_u(e))); item i ~ Categorical(w_i within
-  topic k); click probability p = sigmoid(beta0 + beta * <x_u(e), v_i> + b_i); click ~ Bernoulli(p).
+  topic k); click probability p = sigmoid(beta0 + beta * <x_u(e), v_i> + b_i + c_u(q)); click ~ Bernoulli(p).
+* optional click propensity (``propensity_sigma`` > 0, default 0 = absent): the span is cut into
+  ``propensity_periods`` periods q; c_u(0) ~ N(0, propensity_sigma^2), c_u(q) = propensity_rho
+  c_u(q-1) + sqrt(1 - propensity_rho^2) N(0, propensity_sigma^2). It moves all of a user's click
+  probabilities together for a few days, so the labels of a user's recent rows (a session's
+  history) tell something about the next one that neither the user's long-run rate nor the items
+  do: the log on which session- or user-level adaptation has something to adapt to. Drawn from its
+  own random stream, so a log without it is unchanged.
 
 Output: one Parquet file (``user_id, item_id, timestamp, click, p_click``) written in chunks of
 ``chunk_rows`` rows (memory bounded for any n_rows), plus side tables ``<stem>.users.parquet``
@@ -43,7 +50,8 @@ def _deciles(x: np.ndarray) -> np.ndarray:
 def generate(out_path: str | Path, *, n_users: int, n_items: int, n_rows: int, seed: int, n_topics: int = 8,
              n_epochs: int = 6, rho: float = 0.7, item_zipf: float = 0.7, user_activity_sigma: float = 1.0,
              exposure_temp: float = 1.0, beta0: float = 0.0, beta: float = 1.5, sigma_item: float = 0.5,
-             sigma_bias: float = 0.5, days: int = 180, chunk_rows: int = 1_000_000) -> Path:
+             sigma_bias: float = 0.5, days: int = 180, chunk_rows: int = 1_000_000, propensity_sigma: float = 0.0,
+             propensity_rho: float = 0.9, propensity_periods: int = 60) -> Path:
     """Write the log to ``out_path`` (and the two side tables beside it); returns ``out_path``."""
     for name, v, lo in (("n_users", n_users, 1), ("n_items", n_items, n_topics), ("n_rows", n_rows, 1),
                         ("n_topics", n_topics, 1), ("n_epochs", n_epochs, 1), ("days", days, 1),
@@ -52,6 +60,11 @@ def generate(out_path: str | Path, *, n_users: int, n_items: int, n_rows: int, s
             raise ConfigError(f"must be >= {lo}, got {v}", field=name)
     if not 0.0 <= rho <= 1.0:
         raise ConfigError(f"must be in [0, 1], got {rho}", field="rho")
+    if not 0.0 <= propensity_rho <= 1.0:
+        raise ConfigError(f"must be in [0, 1], got {propensity_rho}", field="propensity_rho")
+    if propensity_sigma < 0 or propensity_periods < 1:
+        raise ConfigError("propensity_sigma must be >= 0 and propensity_periods >= 1",
+                          field="propensity_sigma" if propensity_sigma < 0 else "propensity_periods")
     out_path = Path(out_path)
     rng = np.random.default_rng(seed)
     K = n_topics
@@ -74,6 +87,14 @@ def generate(out_path: str | Path, *, n_users: int, n_items: int, n_rows: int, s
     for e in range(1, n_epochs):
         x[e] = rho * x[e - 1] + np.sqrt(1 - rho**2) * rng.standard_normal((n_users, K), dtype=np.float32)
     span = days * 86_400
+    prop = None
+    if propensity_sigma > 0:  # its own stream: the draws above (and a log without it) are unchanged
+        pr = np.random.default_rng([seed, 2])
+        prop = np.empty((propensity_periods, n_users), dtype=np.float32)
+        prop[0] = propensity_sigma * pr.standard_normal(n_users, dtype=np.float32)
+        for q in range(1, propensity_periods):
+            prop[q] = propensity_rho * prop[q - 1] + np.sqrt(1 - propensity_rho**2) * propensity_sigma * \
+                pr.standard_normal(n_users, dtype=np.float32)
     # time grid: chunk c covers [c, c+1) / n_chunks of the span, so the file is in time order
     n_chunks = -(-n_rows // chunk_rows)
     schema = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64()),
@@ -94,6 +115,9 @@ def generate(out_path: str | Path, *, n_users: int, n_items: int, n_rows: int, s
                 pos = lo_mass[k] + r.random(n) * mass[k]
                 item = order[np.minimum(np.searchsorted(cum, pos, side="right"), n_items - 1)]
                 score = beta0 + beta * np.einsum("nk,nk->n", xu, v[item]) + bias[item]
+                if prop is not None:
+                    period = np.minimum(((t - START) * propensity_periods) // span, propensity_periods - 1)
+                    score = score + prop[period, u]
                 p = (1.0 / (1.0 + np.exp(-score))).astype(np.float32)
                 click = (r.random(n) < p).astype(np.int8)
                 arrays = [u.astype(np.int64), item.astype(np.int64), t, click, p]

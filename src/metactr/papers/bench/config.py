@@ -46,6 +46,10 @@ class SynthSpec(StrictModel):
     seed: int = 7
     rho: float = PField(0.95, ge=0, le=1)
     exposure_temp: float = PField(2.0, ge=0)
+    # a click propensity per user that drifts over the log (0: none; docs/synthetic.md)
+    propensity_sigma: float = PField(0.0, ge=0)
+    propensity_rho: float = PField(0.9, ge=0, le=1)
+    propensity_periods: int = PField(60, ge=1)
 
 
 class DatasetSpec(StrictModel):

@@ -3,6 +3,7 @@ ceiling where the data are the synthetic log (whose raw file keeps each click's 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import polars as pl
 
 from metactr.errors import ConfigError, DataError
 from metactr.papers.bench.config import BenchConfig, DatasetSpec
-from metactr.utils import expand_path
+from metactr.utils import expand_path, write_json_atomic
 
 
 @dataclass
@@ -70,10 +71,15 @@ def prepare_all(cfg: BenchConfig, out: Path, echo=print) -> list[PreparedEntry]:
             from metactr.data.synth import generate
 
             raw = out / "data" / spec.name / "raw" / "interactions.parquet"
+            settings = raw.with_name("synth.json")  # what the log was generated with
+            want = spec.synth.model_dump()
+            if settings.is_file() and raw.is_file() and json.loads(settings.read_text()) != want:
+                raw.unlink()  # (ours: generated here) other settings: generate it again
             if not raw.is_file():
                 s = spec.synth
-                generate(raw, n_users=s.n_users, n_items=s.n_items, n_rows=s.n_rows, seed=s.seed, rho=s.rho,
-                         exposure_temp=s.exposure_temp)
+                generate(raw, **{k: v for k, v in want.items()})
+            if not settings.is_file() or json.loads(settings.read_text()) != want:
+                write_json_atomic(settings, want)  # (a log of a bench made before synth.json: these settings)
             reader, raw_dir = "synthetic", raw
         else:
             reader, raw_dir = spec.dataset, Path(_expand(spec.raw))
