@@ -121,7 +121,7 @@ class MAML(_TaskStrategy):
     def test_user_adaptation(self) -> dict[str, Any] | None:
         """With ``test_adapt``: how the protocol adapts each user at FT/test (names, rate(s), steps,
         support size; ``eval.adapted.user_adapted_proba``); None otherwise."""
-        if not self.cfg.test_adapt:
+        if not getattr(self.cfg, "test_adapt", False):  # (MeLU and MAMO subclass MAML without it)
             return None
         lr = self.rates.as_dict() if self.rates is not None else self.cfg.inner_lr
         if isinstance(lr, dict):

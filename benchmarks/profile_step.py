@@ -1,0 +1,104 @@
+"""Where one DeepFM (or DIN) training step goes: its parts timed alone, in one process.
+
+    .venv/bin/python benchmarks/profile_step.py [--model deepfm] [--out X.json]
+
+Parts, each the median over ``--blocks`` blocks of ``--steps`` calls on bench_ctr.py's data (batch
+1,024, 2 threads): the batch gather, the embedding part (``flat_fields`` forward + backward; DeepFM
+only), the MLP alone forward + backward with an input that needs its gradient, the whole model's
+forward + backward (loss included), the fused Adam step, and the whole training step. Blocks of the
+parts alternate, so a drift of this VM's speed hits every part alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "bench_ctr_data_1000000_200000_0")
+    ap.add_argument("--model", default="deepfm", choices=["deepfm", "din"])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--blocks", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from metactr.data.prepared import PreparedDataset
+    from metactr.engine.optim import build_optimizer
+    from metactr.models.base import build_model, objective
+    from metactr.models.interactions import flat_fields
+    from metactr.train.config import OptimConfig
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_ctr import model_hparams
+    from machine import machine
+
+    if not args.data.is_dir():
+        raise SystemExit(f"{args.data} not found: run benchmarks/bench_ctr.py once (or pass --data)")
+    ds = PreparedDataset(args.data)
+    split = ds.split("train")
+    torch.manual_seed(0)
+    model = build_model(args.model, ds.spec, **model_hparams(args.model))
+    opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=1e-3))
+    idx = [torch.randperm(len(split), generator=torch.Generator().manual_seed(i))[:1024] for i in range(8)]
+    batches = [ds.batch(split, i) for i in idx]
+    mlp_in = torch.randn(1024, model.mlp.net[0].in_features, requires_grad=True)
+    k = [0]
+
+    def nxt():
+        k[0] += 1
+        return batches[k[0] % len(batches)]
+
+    def fwd_bwd():
+        loss, _ = objective(model, None, nxt())
+        loss.backward()
+
+    def step():
+        loss, _ = objective(model, None, nxt())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    parts = {"batch gather": lambda: ds.batch(split, idx[k[0] % 8]),
+             "MLP alone fwd+bwd": lambda: model.mlp(mlp_in).sum().backward(),
+             "model fwd+bwd (loss incl.)": fwd_bwd, "Adam step": opt.step, "whole step": step}
+    if args.model == "deepfm":
+        parts["embeddings fwd+bwd"] = lambda: flat_fields(model.embedding, nxt(), True).sum().backward()
+    loss, _ = objective(model, None, nxt())
+    loss.backward()  # grads exist for the Adam part
+    times: dict[str, list[float]] = {p: [] for p in parts}
+    for _ in range(2):
+        for fn in parts.values():
+            fn()
+    for b in range(args.blocks):
+        for name in (list(parts) if b % 2 == 0 else list(parts)[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                parts[name]()
+            times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+    med = {p: statistics.median(t) for p, t in times.items()}
+    for p, m in med.items():
+        print(f"{p:28s} {m:7.3f} ms  ({min(times[p]):.3f}-{max(times[p]):.3f})")
+    print(f"MLP alone / whole step: {med['MLP alone fwd+bwd'] / med['whole step']:.0%}")
+    if args.out:
+        from metactr.utils import write_json_atomic
+
+        write_json_atomic(args.out, {"command": "python benchmarks/profile_step.py " + " ".join(sys.argv[1:]),
+                                     "model": args.model, "median_ms": med, "ms": times, "machine": machine()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
