@@ -12,7 +12,6 @@ parts alternate, so a drift of this VM's speed hits every part alike.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from metactr.data.prepared import PreparedDataset
+from metactr.data.prepared import PreparedDataset, Split
 from metactr.data.tasks import session_tasks
 from metactr.data.toy import write_toy_rml_dataset
 from metactr.errors import ConfigError
@@ -107,13 +107,17 @@ def test_ft_selection_uses_training_rows_only_and_picks_a_candidate(toy, monkeyp
     """``ft_select`` cuts its validation rows from the training split by time and never reads FT
     or test rows; the choice is one of its candidates, each of which was scored."""
     from metactr.papers.rml.ft_select import candidates, select_finetuning, validation_cut
-    from metactr.papers.rml.protocol import finetune
 
     train_split = toy.split("wc_train")
     fit, ft, test = validation_cut(train_split, 0.25)
     assert len(fit) + len(ft) + len(test) == len(train_split) and len(test) >= len(ft) > 0
-    if train_split.timestamp is not None:
-        assert fit.timestamp.max() <= ft.timestamp.min() and ft.timestamp.max() <= test.timestamp.min()
+    # the toy's splits carry no timestamps (file order); with shuffled ones the cut follows time
+    t = train_split
+    timed = Split.packed(t.name, t.user_id, t.hist_ids, t.hist_len, t.hist_labels, t.target, t.label, t.context,
+                         torch.randperm(len(t), generator=torch.Generator().manual_seed(0)))
+    fit_t, ft_t, test_t = validation_cut(timed, 0.25)
+    assert fit_t.timestamp.max() < ft_t.timestamp.min() and ft_t.timestamp.max() < test_t.timestamp.min()
+    assert len(fit_t) == len(fit) and len(test_t) == len(test)
     with pytest.raises(ValueError):
         validation_cut(train_split.subset(torch.arange(3)), 0.2)
 
@@ -122,8 +126,7 @@ def test_ft_selection_uses_training_rows_only_and_picks_a_candidate(toy, monkeyp
     monkeypatch.setattr(toy, "split", lambda name: (read.append(name), real(name))[1])
     cfg = ProtocolConfig(mode="full", bootstrap=0, ft_select=True, ft_lr_grid=[1e-3, 1e-2], ft_epochs_grid=[1])
     strat = strategy_config("plain", {"lr": 0.02})
-    chosen, record = select_finetuning(toy, "wc", "rml", SMALL_RML, strat, cfg, 0, epochs=1, batch_size=32,
-                                       finetune=finetune, clip_norm=strat.clip_norm)
+    chosen, record = select_finetuning(toy, "wc", "rml", SMALL_RML, strat, cfg, 0, epochs=1, batch_size=32)
     assert set(read) == {"wc_train"}, read  # no FT set, no test set
     assert [(c["ft_lr"], c["ft_epochs"]) for c in record["candidates"]] == candidates(cfg)
     assert all(c["valid_auc"] is not None for c in record["candidates"])

@@ -213,7 +213,6 @@ def sort_rows(keys: tuple[str, ...], **cols: np.ndarray) -> dict[str, np.ndarray
     """``cols`` sorted stably by ``keys`` (Polars' multi-threaded sort: 40M rows by user in 2.8 s
     on 2 cores, against 10.2 s for NumPy's stable argsort and four gathers; measured here)."""
     frame = pl.DataFrame(cols).sort(list(keys), maintain_order=True)
-    cols.clear()
     return {c: frame[c].to_numpy() for c in frame.columns}
 
 

@@ -52,6 +52,10 @@ def user_adapted_proba(model: CTRModel, dataset: PreparedDataset, split: Split |
     order). A user with many test rows is scored in tasks of ``query_size`` rows sharing one support."""
     test = dataset.split(split) if isinstance(split, str) else split
     sup = Split.concat("support", [dataset.split(s) if isinstance(s, str) else s for s in support_splits])
+    if len(sup) == 0:  # nothing seen: every user gets the plain prediction
+        from metactr.eval.predict import predict_proba
+
+        return predict_proba(model, dataset, test)
     out = np.zeros(len(test), dtype=np.float32)
     if len(test) == 0:
         return out
@@ -61,8 +65,8 @@ def user_adapted_proba(model: CTRModel, dataset: PreparedDataset, split: Split |
     has = pos < len(s_users)
     has[has] = s_users[pos[has]] == t_users[has]
     pos = np.where(has, pos, 0)
-    s_len = np.where(has, np.minimum(s_counts[pos], support_size), 0) if len(s_users) else np.zeros_like(t_counts)
-    s_start = np.where(has, s_starts[pos] + s_counts[pos] - s_len, 0) if len(s_users) else np.zeros_like(t_counts)
+    s_len = np.where(has, np.minimum(s_counts[pos], support_size), 0)
+    s_start = np.where(has, s_starts[pos] + s_counts[pos] - s_len, 0)
     # one task per (user, piece of at most query_size test rows)
     pieces = -(-t_counts // query_size)
     task_user = np.repeat(np.arange(len(t_users)), pieces)
@@ -77,12 +81,9 @@ def user_adapted_proba(model: CTRModel, dataset: PreparedDataset, split: Split |
         for a in range(0, len(task_user), tasks_per_batch):
             k = slice(a, a + tasks_per_batch)
             u = task_user[k]
-            if len(sup):
-                s_idx, s_w = gather_padded(s_order, s_start[u], s_len[u], support_size)
-            else:  # nothing seen: every support row has weight 0 (the plain prediction)
-                s_idx, s_w = np.zeros((len(u), 1), np.int64), np.zeros((len(u), 1), np.float32)
+            s_idx, s_w = gather_padded(s_order, s_start[u], s_len[u], support_size)  # no rows: weight 0
             q_idx, q_w = gather_padded(t_order, q_start[k], q_len[k], int(q_len[k].max()))
-            support = task_batch(dataset, sup if len(sup) else test, torch.from_numpy(s_idx)).to(dev)
+            support = task_batch(dataset, sup, torch.from_numpy(s_idx)).to(dev)
             query = task_batch(dataset, test, torch.from_numpy(q_idx)).to(dev)
             logit = adapt_and_predict(model, params, support, query, names=names, lr=lr, steps=steps,
                                       support_weight=torch.from_numpy(s_w).to(dev))

@@ -50,6 +50,11 @@ class _Tasks(_Optimised):
     query_size: int = Field(10, gt=0)
     query_frac: float = Field(0.5, gt=0, lt=1)
     vectorize: bool = True
+    # the user-level variant (issue 15): time-ordered tasks (support = a user's latest rows before the
+    # query, query = the next rows) and, at FT/test, each user adapted on their latest rows of the
+    # splits seen so far before their test rows are scored (``eval.adapted.user_adapted_proba``)
+    task_order: Literal["random", "time"] = "random"
+    test_adapt: bool = False
 
 
 class MAMLConfig(_Tasks):
@@ -57,11 +62,6 @@ class MAMLConfig(_Tasks):
 
     name: Literal["maml", "fomaml", "metasgd"] = "maml"
     metasgd_init: float = Field(0.01, gt=0)
-    # the user-level variant (issue 15): time-ordered tasks (support = a user's latest rows before the
-    # query, query = the next rows) and, at FT/test, each user adapted on their latest rows of the
-    # splits seen so far before their test rows are scored (``eval.adapted.user_adapted_proba``)
-    task_order: Literal["random", "time"] = "random"
-    test_adapt: bool = False
 
 
 class ReptileConfig(_Tasks):

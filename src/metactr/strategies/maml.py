@@ -58,7 +58,7 @@ class _TaskStrategy(Strategy):
         self.names = group_names(ctx.model, self.adapt_groups)
         self.sampler = UserTaskSampler(ctx.dataset, ctx.split.name, tasks_per_batch=cfg.tasks_per_batch,
                                        support_size=cfg.support_size, query_size=cfg.query_size,
-                                       query_frac=cfg.query_frac, order=getattr(cfg, "task_order", "random"))
+                                       query_frac=cfg.query_frac, order=cfg.task_order)
         self.named = live_params(ctx.model)
         self.params = list(ctx.model.parameters())
         self.rates: MetaSGDRates | None = None
@@ -77,6 +77,16 @@ class _TaskStrategy(Strategy):
             return tb, 1.0
         return type(tb)(tb.support.select(idx), tb.support_weight[idx], tb.query.select(idx),
                         tb.query_weight[idx], tb.users[idx]), weight
+
+    def test_user_adaptation(self) -> dict[str, Any] | None:
+        """With ``test_adapt``: how the protocol adapts each user at FT/test (names, rate(s), steps,
+        support size; ``eval.adapted.user_adapted_proba``); None otherwise."""
+        if not self.cfg.test_adapt:
+            return None
+        lr = self.rates.as_dict() if self.rates is not None else self.cfg.inner_lr
+        if isinstance(lr, dict):
+            lr = {k: v.detach().clamp_min(0.0) for k, v in lr.items()}
+        return {"names": self.names, "lr": lr, "steps": self.cfg.inner_steps, "support_size": self.cfg.support_size}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"outer": self.opt} if self.ctx else {}
@@ -117,17 +127,6 @@ class MAML(_TaskStrategy):
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return {f"rates.{k}": v for k, v in self.rates.state_dict(keep_vars=True).items()} if self.rates else {}
-
-    def test_user_adaptation(self) -> dict[str, Any] | None:
-        """With ``test_adapt``: how the protocol adapts each user at FT/test (names, rate(s), steps,
-        support size; ``eval.adapted.user_adapted_proba``); None otherwise."""
-        if not getattr(self.cfg, "test_adapt", False):  # (MeLU and MAMO subclass MAML without it)
-            return None
-        lr = self.rates.as_dict() if self.rates is not None else self.cfg.inner_lr
-        if isinstance(lr, dict):
-            lr = {k: v.detach().clamp_min(0.0) for k, v in lr.items()}
-        return {"names": self.names, "lr": lr, "steps": self.cfg.inner_steps, "support_size": self.cfg.support_size}
-
 
 @register_strategy
 class Reptile(_TaskStrategy):

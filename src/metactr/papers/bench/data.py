@@ -76,8 +76,7 @@ def prepare_all(cfg: BenchConfig, out: Path, echo=print) -> list[PreparedEntry]:
             if settings.is_file() and raw.is_file() and json.loads(settings.read_text()) != want:
                 raw.unlink()  # (ours: generated here) other settings: generate it again
             if not raw.is_file():
-                s = spec.synth
-                generate(raw, **{k: v for k, v in want.items()})
+                generate(raw, **want)
             if not settings.is_file() or json.loads(settings.read_text()) != want:
                 write_json_atomic(settings, want)  # (a log of a bench made before synth.json: these settings)
             reader, raw_dir = "synthetic", raw

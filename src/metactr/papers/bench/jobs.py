@@ -137,8 +137,7 @@ def run_rml_job(cfg: BenchConfig, job: Job) -> tuple[dict[str, np.ndarray], dict
         from metactr.papers.rml.ft_select import select_finetuning
 
         proto, extra["ft_selection"] = select_finetuning(ds, sub, model_name, kw, strat, proto, job.seed, epochs=epochs,
-                                                         batch_size=bs, finetune=finetune, clip_norm=strat.clip_norm,
-                                                         trainer=trainer)
+                                                         batch_size=bs, trainer=trainer)
         seed_everything(job.seed)  # the main run trains exactly as it would without the selection
         model = build_model(model_name, ds.spec, **kw).to(device)
     t0 = time.perf_counter()

@@ -55,15 +55,15 @@ def candidates(cfg) -> list[tuple[float | None, int]]:
     return [(None, 0)] + [(lr, ep) for ep in cfg.ft_epochs_grid for lr in cfg.ft_lr_grid]
 
 
-
-
 def select_finetuning(dataset: PreparedDataset, subset: str, model_name: str, model_kw: dict, strategy: Any,
-                      cfg, seed: int, *, epochs: float, batch_size: int, finetune, clip_norm: float | None,
+                      cfg, seed: int, *, epochs: float, batch_size: int,
                       trainer: Trainer | None = None) -> tuple[Any, dict]:
     """(the protocol config with the chosen ``ft_lr`` / ``ft_epochs``, a record of the choice).
 
-    ``finetune`` is the protocol's own fine-tuning function (``protocol.finetune``), so that the
-    candidates fine-tune exactly as the real stages will."""
+    The candidates fine-tune with the protocol's own ``finetune`` (and the strategy's clip norm),
+    exactly as the real stages will."""
+    from metactr.papers.rml.protocol import finetune  # (the protocol imports this module lazily)
+
     trainer = trainer or Trainer()
     fit, ft, test = validation_cut(dataset.split(f"{subset}_train"), cfg.ft_valid_fraction)
     seed_everything(seed)
@@ -78,7 +78,7 @@ def select_finetuning(dataset: PreparedDataset, subset: str, model_name: str, mo
         opt.load_state_dict(copy.deepcopy(opt_state))
         if passes:
             finetune(model, dataset, ft, opt, cfg.model_copy(update={"ft_lr": lr, "ft_epochs": passes}),
-                     torch.Generator().manual_seed(seed + 7919), clip_norm, trainer)
+                     torch.Generator().manual_seed(seed + 7919), strategy.clip_norm, trainer)
         seen = [fit] + ([ft] if passes else [])  # what a user-level variant may adapt on
         auc = auc_score(test.label.numpy(), protocol_proba(model, dataset, test, fitted.strategy, seen))
         table.append({"ft_lr": lr, "ft_epochs": passes, "valid_auc": auc})

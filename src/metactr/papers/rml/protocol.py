@@ -128,8 +128,7 @@ def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_k
         from metactr.papers.rml.ft_select import select_finetuning
 
         cfg, selection = select_finetuning(dataset, subset, model_name, model_kw, strategy, cfg, seed, epochs=epochs,
-                                           batch_size=batch_size, finetune=finetune, clip_norm=strategy.clip_norm,
-                                           trainer=trainer)
+                                           batch_size=batch_size, trainer=trainer)
     seed_everything(seed)
     model = build_model(model_name, dataset.spec, **model_kw)
     t0 = time.perf_counter()
