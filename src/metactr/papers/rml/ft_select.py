@@ -30,6 +30,7 @@ from metactr.data.prepared import PreparedDataset, Split
 from metactr.eval.adapted import protocol_proba
 from metactr.eval.metrics import auc as auc_score
 from metactr.models.base import build_model
+from metactr.papers.rml.finetune import finetune
 from metactr.strategies import build_strategy
 from metactr.train.trainer import Trainer
 from metactr.utils import seed_everything
@@ -62,8 +63,6 @@ def select_finetuning(dataset: PreparedDataset, subset: str, model_name: str, mo
 
     The candidates fine-tune with the protocol's own ``finetune`` (and the strategy's clip norm),
     exactly as the real stages will."""
-    from metactr.papers.rml.protocol import finetune  # (the protocol imports this module lazily)
-
     trainer = trainer or Trainer()
     fit, ft, test = validation_cut(dataset.split(f"{subset}_train"), cfg.ft_valid_fraction)
     seed_everything(seed)

@@ -17,7 +17,7 @@ from pydantic import Field as PField
 from pydantic import model_validator
 
 from metactr.config import StrictModel
-from metactr.data.prepared import PreparedDataset, Split
+from metactr.data.prepared import PreparedDataset
 from metactr.eval.metrics import auc as auc_score
 from metactr.eval.metrics import bootstrap_ci95
 from metactr.eval.metrics import logloss as logloss_score
@@ -25,7 +25,7 @@ from metactr.eval.adapted import protocol_proba
 from metactr.data.split import FT_STAGES
 from metactr.models.base import CTRModel, build_model
 from metactr.strategies import build_strategy
-from metactr.strategies.plain import FineTune
+from metactr.papers.rml.finetune import finetune  # noqa: F401 (re-exported: protocol.finetune)
 from metactr.train.trainer import Trainer
 from metactr.utils import seed_everything
 
@@ -73,26 +73,6 @@ class ProtocolConfig(StrictModel):
             for k in ("ft_select", "ft_lr_grid", "ft_epochs_grid", "ft_valid_fraction"):
                 d.pop(k)
         return d
-
-
-def finetune(model: CTRModel, dataset: PreparedDataset, split: str | Split, opt: torch.optim.Optimizer,
-             cfg: ProtocolConfig, gen: torch.Generator, clip_norm: float | None = 5.0,
-             trainer: Trainer | None = None) -> int:
-    """Fine-tune every model parameter on ``split`` (the training's optimizer, state and rate
-    kept); returns the number of steps taken."""
-    faithful = cfg.mode == "faithful"
-    if not faithful and cfg.ft_epochs == 0:
-        return 0
-    if cfg.ft_lr is not None:
-        for g in opt.param_groups:
-            g["lr"] = cfg.ft_lr
-    passes = 1 if faithful else cfg.ft_epochs
-    # (a faithful FT set below one batch takes no step, but draws its shuffle)
-    n = len(dataset.split(split) if isinstance(split, str) else split)
-    result = (trainer or Trainer()).fit(model, dataset, split, FineTune(opt, clip_norm), epochs=passes,
-                                        batch_size=cfg.ft_batch_size, generator=gen, drop_last=faithful)
-    per = n // cfg.ft_batch_size if faithful else -(-n // cfg.ft_batch_size)
-    return per * len(result.history)
 
 
 def scored_rows(n: int, cfg: ProtocolConfig, gen: torch.Generator) -> torch.Tensor:
