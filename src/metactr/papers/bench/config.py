@@ -25,6 +25,7 @@ from metactr.papers.rml.reproduce import (
     job_settings,
     method_protocol,
 )
+from metactr.papers.rml.strategy_select import check_selection
 from metactr.strategies.config import StrategyDefaults
 
 SIMPLE = ("popularity", "rates_lr")
@@ -131,8 +132,9 @@ def check_methods(cfg: BenchConfig) -> list[str]:
         raise ConfigError(f"methods repeat: {methods}", field="methods")
     if cfg.protocol == "rml":
         for m in methods:
-            rml_settings(cfg, m)
-            rml_protocol(cfg, m)  # a bad per-method protocol setting: ConfigError before any work
+            strat = rml_settings(cfg, m)[2]
+            # a bad per-method protocol setting or selection candidate: ConfigError before any work
+            check_selection(strat, rml_protocol(cfg, m), m)
     else:
         bases = [b["name"] for b in cfg.metaselector.get("base_models", [])] or list(BASE_MODELS)
         bad = [m for m in methods if m not in bases and m not in SELECTOR_METHODS]

@@ -54,6 +54,9 @@ class ProtocolConfig(StrictModel):
     ft_lr_grid: list[float] = PField([3e-4, 1e-3, 3e-3], min_length=1)
     ft_epochs_grid: list[int] = PField([1, 3], min_length=1)
     ft_valid_fraction: float = PField(0.2, gt=0, lt=0.5)
+    # strategy settings chosen on the same validation cut, e.g. {inner_lr: [0.1, 3.0, 30.0]}
+    # (``papers.rml.strategy_select``); {} = none
+    strategy_select: dict[str, list[float | int | bool]] = {}
 
     @model_validator(mode="after")
     def _check(self) -> ProtocolConfig:
@@ -61,6 +64,10 @@ class ProtocolConfig(StrictModel):
             raise ValueError("ft_select needs mode: full (the faithful mode fine-tunes as the authors did)")
         if self.ft_epochs == 0 and self.mode != "full":
             raise ValueError("ft_epochs: 0 (no fine-tuning) needs mode: full")
+        if self.strategy_select and self.mode != "full":
+            raise ValueError("strategy_select needs mode: full")
+        if any(not v for v in self.strategy_select.values()):
+            raise ValueError("strategy_select: every setting needs at least one candidate value")
         if any(x <= 0 for x in self.ft_lr_grid) or any(e < 1 for e in self.ft_epochs_grid):
             raise ValueError("ft_lr_grid rates must be > 0 and ft_epochs_grid passes >= 1")
         return self
@@ -69,9 +76,13 @@ class ProtocolConfig(StrictModel):
         """``model_dump()`` without the selection settings while ``ft_select`` is off: the job keys of
         runs made before they existed stay valid."""
         d = self.model_dump()
+        if not self.strategy_select:
+            d.pop("strategy_select")
         if not self.ft_select:
-            for k in ("ft_select", "ft_lr_grid", "ft_epochs_grid", "ft_valid_fraction"):
+            for k in ("ft_select", "ft_lr_grid", "ft_epochs_grid"):
                 d.pop(k)
+            if not self.strategy_select:
+                d.pop("ft_valid_fraction")
         return d
 
 
@@ -103,7 +114,12 @@ def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_k
     for s in ("train", "test", *FT_STAGES):
         dataset.split(f"{subset}_{s}")  # fail early (DataError) on a missing split
     trainer = trainer or Trainer()
-    selection = None
+    selection = strategy_choice = None
+    if cfg.strategy_select:  # strategy settings chosen on rows cut from the training split
+        from metactr.papers.rml.strategy_select import select_strategy
+
+        strategy, strategy_choice = select_strategy(dataset, subset, model_name, model_kw, strategy, cfg, seed,
+                                                    epochs=epochs, batch_size=batch_size, trainer=trainer)
     if cfg.ft_select:  # FT rate and passes chosen on rows cut from the training split, before training
         from metactr.papers.rml.ft_select import select_finetuning
 
@@ -131,6 +147,8 @@ def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_k
         row = {"subset": subset, "stage": stage, "seed": seed, "ft_steps": steps, **m, "train_s": round(train_s, 2)}
         if selection is not None:
             row["ft_selection"] = selection["chosen"]
+        if strategy_choice is not None:
+            row["strategy_selection"] = strategy_choice["chosen"]
         if cfg.mode == "faithful":  # also every test row, to compare with the authors' partial scoring
             full, _, _ = evaluate(model, dataset, test, torch.arange(len(dataset.split(test))), fitted.strategy, seen)
             row.update({f"{k}_all_rows": v for k, v in full.items()})

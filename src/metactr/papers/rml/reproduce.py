@@ -23,6 +23,7 @@ from pydantic import Field as PField
 
 from metactr.config import StrictModel, load_config
 from metactr.errors import ConfigError, DataError
+from metactr.papers.rml.strategy_select import check_selection
 from metactr.eval.metrics import mean_ci95
 from metactr.eval.report import fmt, fmt_ci, markdown_table, write_run
 from metactr.papers.rml.paper_numbers import PAPER_LABELS, paper_value
@@ -154,8 +155,8 @@ def run_reproduction(data: str | Path, out: str | Path, cfg: ReproduceConfig, *,
             if not (Path(data) / f"{s}_{st}.parquet").is_file():
                 raise DataError(f"subset '{s}' needs split '{s}_{st}' (the ml-1m-rml layout)",
                                 path=Path(data) / f"{s}_{st}.parquet")
-    for m in cfg.methods:
-        job_settings(cfg, m)  # unknown method / bad strategy -> ConfigError before any work
+    for m in cfg.methods:  # unknown method / bad strategy / bad selection -> ConfigError before any work
+        check_selection(job_settings(cfg, m)[2], method_protocol(cfg.protocol, m, cfg.method.get(m)), m)
     if report_only:
         if not check_out_dir(out, what="reproduction"):
             raise DataError("--report-only: no reproduction here to aggregate", path=out)
