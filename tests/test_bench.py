@@ -116,6 +116,31 @@ def test_report_html_has_embedded_figures(quick):
     assert "bayes_ceiling" in md and "reference" in md
 
 
+def test_contrasts_are_paired_differences_of_the_rows(quick):
+    res = json.loads((quick / "results.json").read_text())
+    idx = {(r["dataset"], r["subset"], r["stage"], r["method"]): r for r in res["rows"]}
+    got = {(c["dataset"], c["subset"]) for c in res["contrasts"]}
+    assert got == {(d, s) for d in ("synthetic-quick", "toy") for s in ("wc", "cw")}
+    for c in res["contrasts"]:
+        assert (c["method"], c["reference"], c["stage"]) == ("rml_wo_meta", "basic", "finetune_c")
+        a, b = (idx[(c["dataset"], c["subset"], c["stage"], m)] for m in ("rml_wo_meta", "basic"))
+        assert c["delta_auc"] == pytest.approx(a["auc_mean"] - b["auc_mean"], abs=1e-12)
+        lo, hi = c["ci95"]
+        assert lo <= hi and c["excludes_zero"] == (lo > 0 or hi < 0) and c["seeds"] == 2
+    assert "## Contrasts" in (quick / "results.md").read_text()
+
+
+@pytest.mark.parametrize("contrast,needle", [("basic", "method:reference"), ("basic:basic", "two different"),
+                                             ("basic:nope", "nope")])
+def test_a_bad_contrast_is_one_line_error(tmp_path, capsys, contrast, needle):
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(f"datasets: [{{name: x, prepared: /nonexistent}}]\nmethods: [basic, rates_lr]\n"
+                   f"contrasts: ['{contrast}']\n")
+    code, err = _err(capsys, "bench", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    assert code == 2 and len(err.splitlines()) == 1 and "contrasts" in err and needle in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_runs_nothing_again(quick, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in (quick / "runs").iterdir()}
     assert cli.main(["bench", "--quick", "--out", str(quick)]) == 0

@@ -114,6 +114,12 @@ def test_demo_runs_and_prints_stats(run, tmp_path):
     assert code == 0
     assert "wc_train" in out and "cw_test" in out
     assert (tmp_path / "demo" / "prepared" / "meta.json").is_file()
+    # the leaderboard, the Bayes ceiling and whether session-level adaptation helps (paired contrast)
+    assert "bayes_ceiling" in out and "rml_session_maml_label - rml_wo_meta_label" in out
+    res = json.loads((tmp_path / "demo" / "bench" / "results.json").read_text())
+    assert {(c["subset"], c["method"], c["reference"]) for c in res["contrasts"]} >= {
+        ("wc", "rml_session_maml_label", "rml_wo_meta_label"), ("cw", "rml_session_maml_label", "rml_wo_meta_label")}
+    assert "## Contrasts" in (tmp_path / "demo" / "bench" / "results.md").read_text()
 
 
 # ------------------------------------------------------------------------------- download

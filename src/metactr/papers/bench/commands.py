@@ -27,6 +27,7 @@ def quick_config(out: Path) -> dict:
     if not (toy / "wc_test.parquet").is_file():
         write_toy_rml_dataset(toy, n_users=80, rows_per_user=14, seed=0)
     return {"protocol": "rml", "seeds": 2, "n_boot": 200, "batch_rows": 16, "methods": QUICK_METHODS,
+            "contrasts": ["rml_wo_meta:basic"],
             "datasets": [{"name": "synthetic-quick", "synth": {"n_users": 400, "n_items": 200, "n_rows": 40000, "seed": 7},
                           "prepare": {"protocol": "rml", "seed": 7, "session": {"max_len": 10},
                                       "rml": {"holdout": "future"}}},
@@ -67,6 +68,14 @@ def print_leaderboard(res: dict, echo=typer.echo) -> None:
                 tag = f"{p['delta_auc']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] {sig}"
             echo(f"  {r['method']:>24}  AUC {r['auc_mean']:.4f} [{lo:.4f}, {hi:.4f}]  GAUC {r['gauc_mean']:.4f}  "
                  f"LogLoss {r['logloss_mean']:.4f}  {tag}")
+    if res.get("contrasts"):
+        from metactr.eval.bench_report import contrast_verdict
+
+        echo("\ncontrasts (paired, same resamples):")
+        for c in res["contrasts"]:
+            lo, hi = c["ci95"]
+            echo(f"  {c['dataset']}{' ' + c['subset'].upper() if c['subset'] else ''}: {c['method']} - {c['reference']}"
+                 f"  ΔAUC {c['delta_auc']:+.4f} [{lo:+.4f}, {hi:+.4f}] {contrast_verdict(c)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -90,6 +90,9 @@ class BenchConfig(StrictModel):
     reference: str | None = None  # None: the strongest of ``baselines``
     baselines: list[str] | None = None  # None: the simple baselines (rml) / the base models (metaselector)
     n_boot: int = PField(1000, ge=10)
+    # extra paired differences "method:reference" after the last stage (e.g. a meta variant against
+    # its own non-meta control), on the same resamples as the leaderboard's
+    contrasts: list[str] = []
     batch_rows: int = PField(128, ge=8)  # rows per test batch of the per-batch AUC figures
     rml: RMLSettings = RMLSettings()
     metaselector: dict[str, Any] = PField(default_factory=dict)  # SelectorExperiment keys
@@ -141,6 +144,13 @@ def check_methods(cfg: BenchConfig) -> list[str]:
         if bad:
             raise ConfigError(f"unknown metaselector method(s) {bad} (base models {bases}; "
                               f"selectors {list(SELECTOR_METHODS)})", field="methods")
+    for c in cfg.contrasts:
+        pair = c.split(":")
+        if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
+            raise ConfigError(f"contrast '{c}' is not 'method:reference' with two different methods", field="contrasts")
+        bad = [m for m in pair if m not in methods]
+        if bad:
+            raise ConfigError(f"contrast '{c}': {', '.join(bad)} not among the methods", field="contrasts")
     for key in ([cfg.reference] if cfg.reference else []) + list(cfg.baselines or []):
         if key not in methods:
             raise ConfigError(f"'{key}' is not among the methods", field="reference" if key == cfg.reference

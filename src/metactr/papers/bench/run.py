@@ -122,7 +122,7 @@ def aggregate(cfg: BenchConfig, entries, jobs, runs: Path, methods: list[str]) -
     from metactr.eval.intervals import compare_methods
 
     labels = {e.spec.name: dataset_label(e) for e in entries}
-    rows, pairs, figs = [], [], {}
+    rows, pairs, contrasts, figs = [], [], [], {}
     final = "finetune_c" if cfg.protocol == "rml" else "test"
     for (name, sub), g in _groups(cfg, entries, jobs, runs, methods).items():
         fig = {"stage_auc": {}, "batch_auc": {}, "user_loss": {}}
@@ -144,6 +144,7 @@ def aggregate(cfg: BenchConfig, entries, jobs, runs: Path, methods: list[str]) -
             for m, a in preds.items():
                 fig["stage_auc"].setdefault(m, {})[st] = comp.methods[m]
             if st == final:
+                contrasts += _contrasts(cfg, g, preds, {"dataset": name, "subset": sub, "stage": st})
                 for m, a in preds.items():
                     fig["batch_auc"][m] = batch_aucs(g["y"], a, cfg.batch_rows)
                     fig["user_loss"][m] = user_losses(g["y"], a[0], g["users"])
@@ -153,7 +154,24 @@ def aggregate(cfg: BenchConfig, entries, jobs, runs: Path, methods: list[str]) -
              "n_test", "n_users", "seeds"]
     _paper_numbers(cfg, labels, rows)
     rows = [{**{k: r[k] for k in order}, **{k: v for k, v in r.items() if k not in order}} for r in rows]
-    return {"protocol": cfg.protocol, "final_stage": final, "datasets": labels, "rows": rows, "pairs": pairs}, figs
+    return {"protocol": cfg.protocol, "final_stage": final, "datasets": labels, "rows": rows, "pairs": pairs,
+            "contrasts": contrasts}, figs
+
+
+def _contrasts(cfg: BenchConfig, g: dict, preds: dict, where: dict) -> list[dict]:
+    """The config's ``contrasts`` (method:reference) present in ``preds``: paired differences on the
+    leaderboard's user resamples (same ``seed``), training seeds paired where both have all seeds."""
+    from metactr.eval.intervals import compare_methods
+
+    out = []
+    for c in cfg.contrasts:
+        a, b = c.split(":")
+        if a in preds and b in preds:
+            comp = compare_methods(g["y"], g["users"], {a: preds[a], b: preds[b]}, reference=b,
+                                   n_boot=cfg.n_boot, seed=0, pair_seeds=True)
+            out.append({**where, **comp.pair_rows()[0], "seeds": min(preds[a].shape[0], preds[b].shape[0]),
+                        "n_test": int(len(g["y"])), "n_users": int(len(np.unique(g["users"])))})
+    return out
 
 
 def _paper_numbers(cfg: BenchConfig, labels: dict, rows: list[dict]) -> None:
