@@ -16,7 +16,6 @@ Default data: bench_ctr.py's 1M-row sample (run it once). Model hyper-parameters
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -24,12 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_ctr import step_parser, step_setup  # benchmarks/bench_ctr.py: the same models
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "bench_ctr_data_1000000_200000_0")
-    ap.add_argument("--model", default="deepfm", choices=["deepfm", "din"])
+    ap = step_parser(__doc__)
     ap.add_argument("--compare", required=True, choices=["precision", "gather", "compile"],
                     help="precision: fp32 (A) vs bf16 (B); gather: x[idx] (A) vs take_rows/index_select (B); "
                          "compile: eager (A) vs torch.compile of the model (B, inductor; its compile time is "
@@ -38,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--steps", type=int, default=40, help="steps (or batches) per block")
     ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="also write the result as JSON")
     args = ap.parse_args(argv)
 
@@ -47,22 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import metactr.data.prepared as prepared
     from metactr.data.batch import take_rows
-    from metactr.models.base import build_model
-    from metactr.train.config import OptimConfig
-    from metactr.engine.optim import build_optimizer
     from metactr.engine.precision import autocast
     from metactr.strategies.plain import LossModule
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_ctr import model_hparams  # the same models as the benchmark
-
-    if not args.data.is_dir():
-        raise SystemExit(f"{args.data} not found: run benchmarks/bench_ctr.py once (or pass --data)")
-    ds = prepared.PreparedDataset(args.data)
-    split = ds.split("test" if args.predict else "train")
-    torch.manual_seed(0)
-    model = build_model(args.model, ds.spec, **model_hparams(args.model))
-    opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=1e-3))
+    ds, split, model, opt = step_setup(args.data, args.model, "test" if args.predict else "train")
     loss_fn = LossModule(model)
     compiled = torch.compile(model, dynamic=False) if args.compare == "compile" else None
     fwd = model

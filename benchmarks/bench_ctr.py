@@ -136,6 +136,37 @@ def model_hparams(model_name: str) -> dict:
     return hp
 
 
+STEP_DATA = ROOT / "runs" / "bench_ctr_data_1000000_200000_0"  # written by this script's first run
+
+
+def step_parser(doc: str) -> argparse.ArgumentParser:
+    """The options ab_step.py and profile_step.py share: --data (this script's log), --model, --threads."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=STEP_DATA)
+    ap.add_argument("--model", default="deepfm", choices=["deepfm", "din"])
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def step_setup(data: Path, model_name: str, split_name: str):
+    """(dataset, split, model, Adam at 1e-3) as this benchmark builds them, seeded 0: the start of
+    ab_step.py and profile_step.py."""
+    import torch
+
+    from metactr.data.prepared import PreparedDataset
+    from metactr.engine.optim import build_optimizer
+    from metactr.models.base import build_model
+    from metactr.train.config import OptimConfig
+
+    if not data.is_dir():
+        raise SystemExit(f"{data} not found: run benchmarks/bench_ctr.py once (or pass --data)")
+    ds = PreparedDataset(data)
+    torch.manual_seed(0)
+    model = build_model(model_name, ds.spec, **model_hparams(model_name))
+    opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=1e-3))
+    return ds, ds.split(split_name), model, opt
+
+
 def run_ours(model_name: str, data: Path, threads: int, seed: int, device: str = "cpu",
              precision: str = "fp32") -> dict:
     import torch

@@ -11,7 +11,6 @@ parts alternate, so a drift of this VM's speed hits every part alike.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -19,38 +18,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_ctr import step_parser, step_setup  # benchmarks/bench_ctr.py: the same models
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT / "runs" / "bench_ctr_data_1000000_200000_0")
-    ap.add_argument("--model", default="deepfm", choices=["deepfm", "din"])
+    ap = step_parser(__doc__)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--blocks", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    from metactr.data.prepared import PreparedDataset
-    from metactr.engine.optim import build_optimizer
-    from metactr.models.base import build_model, objective
-    from metactr.models.interactions import flat_fields
-    from metactr.train.config import OptimConfig
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_ctr import model_hparams
     from machine import machine
 
-    if not args.data.is_dir():
-        raise SystemExit(f"{args.data} not found: run benchmarks/bench_ctr.py once (or pass --data)")
-    ds = PreparedDataset(args.data)
-    split = ds.split("train")
-    torch.manual_seed(0)
-    model = build_model(args.model, ds.spec, **model_hparams(args.model))
-    opt = build_optimizer(model.parameters(), OptimConfig(name="adam", lr=1e-3))
+    from metactr.models.base import objective
+    from metactr.models.interactions import flat_fields
+
+    ds, split, model, opt = step_setup(args.data, args.model, "train")
     idx = [torch.randperm(len(split), generator=torch.Generator().manual_seed(i))[:1024] for i in range(8)]
     batches = [ds.batch(split, i) for i in idx]
     mlp_in = torch.randn(1024, model.mlp.net[0].in_features, requires_grad=True)
