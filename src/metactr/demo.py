@@ -63,7 +63,7 @@ def bench_config(prepared: Path, *, seeds: int = 2, epochs: float = 3.0, methods
         "protocol": "rml", "datasets": [{"name": "synthetic", "prepared": str(prepared)}],
         "methods": methods, "seeds": seeds, "n_boot": 500,
         "contrasts": [c for c in DEMO_CONTRASTS if all(m in methods for m in c.split(":"))],
-        "rml": {"strategy": {"epochs": epochs, "batch_size": 256}, "protocol": {"mode": "full", "bootstrap": 0},
+        "rml": {"strategy": {"epochs": epochs, "batch_size": 256},
                 "method": {m: v for m, v in DEMO_EXTRA.items() if m in methods}}})
 
 

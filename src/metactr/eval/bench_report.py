@@ -105,7 +105,8 @@ def render_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def contrast_verdict(p: dict) -> str:
+def pair_verdict(p: dict) -> str:
+    """better / worse where a paired difference's interval excludes zero, else tie."""
     return ("better" if p["delta_auc"] > 0 else "worse") if p["excludes_zero"] else "tie"
 
 
@@ -113,8 +114,9 @@ def contrast_lines(contrasts: list[dict]) -> list[str]:
     """The config's extra paired differences, one table row each."""
     heads = ["dataset", "subset", "method", "reference", "Δ AUC [95%]", "verdict", "Δ GAUC", "seeds", "rows / users"]
     body = [[c["dataset"], (c["subset"] or "").upper(), c["method"], c["reference"],
-             f"{c['delta_auc']:+.4f} {ci(c['ci95'])}", contrast_verdict(c),
+             f"{c['delta_auc']:+.4f} {ci(c['ci95'])}", pair_verdict(c),
              "–" if c.get("delta_gauc") is None or c["delta_gauc"] != c["delta_gauc"] else f"{c['delta_gauc']:+.4f}",
              str(c["seeds"]), f"{c['n_test']:,} / {c['n_users']:,}"] for c in contrasts]
-    return ["## Contrasts", "", f"Paired differences asked for in the config's `contrasts`, after the last stage, "
-            "on the same resamples of test users (training seeds paired).", "", markdown_table(heads, body), ""]
+    intro = ("Paired differences asked for in the config's `contrasts`, after the last stage, "
+             "on the same resamples of test users (training seeds paired).")
+    return ["## Contrasts", "", intro, "", markdown_table(heads, body), ""]

@@ -46,6 +46,8 @@ def load(config: Path | None, quick: bool, out: Path, overrides: list[str]):
 
 
 def print_leaderboard(res: dict, echo=typer.echo) -> None:
+    from metactr.eval.bench_report import pair_verdict
+
     final = res["final_stage"]
     pairs = {(p["dataset"], p["subset"], p["stage"], p["method"]): p for p in res["pairs"]}
     groups: dict = {}
@@ -64,18 +66,15 @@ def print_leaderboard(res: dict, echo=typer.echo) -> None:
             elif p is None:
                 tag = "reference"
             else:
-                sig = ("better" if p["delta_auc"] > 0 else "worse") if p["excludes_zero"] else "tie"
-                tag = f"{p['delta_auc']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] {sig}"
+                tag = f"{p['delta_auc']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] {pair_verdict(p)}"
             echo(f"  {r['method']:>24}  AUC {r['auc_mean']:.4f} [{lo:.4f}, {hi:.4f}]  GAUC {r['gauc_mean']:.4f}  "
                  f"LogLoss {r['logloss_mean']:.4f}  {tag}")
     if res.get("contrasts"):
-        from metactr.eval.bench_report import contrast_verdict
-
         echo("\ncontrasts (paired, same resamples):")
         for c in res["contrasts"]:
             lo, hi = c["ci95"]
             echo(f"  {c['dataset']}{' ' + c['subset'].upper() if c['subset'] else ''}: {c['method']} - {c['reference']}"
-                 f"  ΔAUC {c['delta_auc']:+.4f} [{lo:+.4f}, {hi:+.4f}] {contrast_verdict(c)}")
+                 f"  ΔAUC {c['delta_auc']:+.4f} [{lo:+.4f}, {hi:+.4f}] {pair_verdict(c)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -133,18 +133,11 @@ def run_rml_job(cfg: BenchConfig, job: Job) -> tuple[dict[str, np.ndarray], dict
     model.to(device)
     trainer = Trainer(device=device)
     proto, extra = rml_protocol(cfg, job.method), {}
-    if proto.strategy_select and not counts:  # e.g. the inner rate, chosen on rows cut from train
-        from metactr.papers.rml.strategy_select import select_strategy
+    if (proto.strategy_select or proto.ft_select) and not counts:  # chosen on rows cut from train
+        from metactr.papers.rml.strategy_select import choose_settings
 
-        strat, extra["strategy_selection"] = select_strategy(ds, sub, model_name, kw, strat, proto, job.seed,
-                                                             epochs=epochs, batch_size=bs, trainer=trainer)
-        seed_everything(job.seed)
-        model = build_model(model_name, ds.spec, **kw).to(device)
-    if proto.ft_select and not counts:  # FT rate and passes chosen on rows cut from train (papers.rml.ft_select)
-        from metactr.papers.rml.ft_select import select_finetuning
-
-        proto, extra["ft_selection"] = select_finetuning(ds, sub, model_name, kw, strat, proto, job.seed, epochs=epochs,
-                                                         batch_size=bs, trainer=trainer)
+        strat, proto, extra = choose_settings(ds, sub, model_name, kw, strat, proto, job.seed, epochs=epochs,
+                                              batch_size=bs, trainer=trainer)
         seed_everything(job.seed)  # the main run trains exactly as it would without the selection
         model = build_model(model_name, ds.spec, **kw).to(device)
     t0 = time.perf_counter()

@@ -169,8 +169,8 @@ def _contrasts(cfg: BenchConfig, g: dict, preds: dict, where: dict) -> list[dict
         if a in preds and b in preds:
             comp = compare_methods(g["y"], g["users"], {a: preds[a], b: preds[b]}, reference=b,
                                    n_boot=cfg.n_boot, seed=0, pair_seeds=True)
-            out.append({**where, **comp.pair_rows()[0], "seeds": min(preds[a].shape[0], preds[b].shape[0]),
-                        "n_test": int(len(g["y"])), "n_users": int(len(np.unique(g["users"])))})
+            out.append({**where, **comp.pair_rows()[0], "seeds": min(comp.methods[a].seeds, comp.methods[b].seeds),
+                        "n_test": comp.n_test, "n_users": comp.n_users})
     return out
 
 

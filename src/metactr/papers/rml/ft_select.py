@@ -51,6 +51,27 @@ def validation_cut(split: Split, fraction: float) -> tuple[Split, Split, Split]:
             split.subset(torch.sort(held[half:]).values))
 
 
+def train_probe(dataset: PreparedDataset, fit: Split, model_name: str, model_kw: dict, strategy: Any, seed: int, *,
+                epochs: float, batch_size: int, trainer: Trainer):
+    """(model, fitted) trained on the ``fit`` rows exactly as the real run trains: same seed, model,
+    strategy, epochs and batch size."""
+    seed_everything(seed)
+    model = build_model(model_name, dataset.spec, **model_kw)
+    fitted = trainer.fit(model, dataset, fit, build_strategy(strategy), epochs=epochs, batch_size=batch_size,
+                         generator=torch.Generator().manual_seed(seed))
+    return model, fitted
+
+
+def valid_auc(model, dataset: PreparedDataset, test: Split, strategy, seen: list[Split]) -> float | None:
+    """AUC on the pseudo-test rows, scored as the protocol scores test rows (``protocol_proba``)."""
+    return auc_score(test.label.numpy(), protocol_proba(model, dataset, test, strategy, seen))
+
+
+def best_of(table: list[dict]) -> dict:
+    """The candidate with the highest ``valid_auc`` (ties: the earlier; none scored: the first)."""
+    return max((c for c in table if c["valid_auc"] is not None), key=lambda c: c["valid_auc"], default=table[0])
+
+
 def candidates(cfg) -> list[tuple[float | None, int]]:
     """(rate, passes) pairs in the order they are tried: no fine-tuning first."""
     return [(None, 0)] + [(lr, ep) for ep in cfg.ft_epochs_grid for lr in cfg.ft_lr_grid]
@@ -65,13 +86,11 @@ def select_finetuning(dataset: PreparedDataset, subset: str, model_name: str, mo
     exactly as the real stages will."""
     trainer = trainer or Trainer()
     fit, ft, test = validation_cut(dataset.split(f"{subset}_train"), cfg.ft_valid_fraction)
-    seed_everything(seed)
-    model = build_model(model_name, dataset.spec, **model_kw)
-    fitted = trainer.fit(model, dataset, fit, build_strategy(strategy), epochs=epochs, batch_size=batch_size,
-                         generator=torch.Generator().manual_seed(seed))
+    model, fitted = train_probe(dataset, fit, model_name, model_kw, strategy, seed, epochs=epochs,
+                                batch_size=batch_size, trainer=trainer)
     opt = fitted.strategy.optimizer
     weights, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    table, best = [], None
+    table = []
     for lr, passes in candidates(cfg):
         model.load_state_dict(weights)
         opt.load_state_dict(copy.deepcopy(opt_state))
@@ -79,11 +98,9 @@ def select_finetuning(dataset: PreparedDataset, subset: str, model_name: str, mo
             finetune(model, dataset, ft, opt, cfg.model_copy(update={"ft_lr": lr, "ft_epochs": passes}),
                      torch.Generator().manual_seed(seed + 7919), strategy.clip_norm, trainer)
         seen = [fit] + ([ft] if passes else [])  # what a user-level variant may adapt on
-        auc = auc_score(test.label.numpy(), protocol_proba(model, dataset, test, fitted.strategy, seen))
-        table.append({"ft_lr": lr, "ft_epochs": passes, "valid_auc": auc})
-        if auc is not None and (best is None or auc > best["valid_auc"]):
-            best = table[-1]
-    best = best or table[0]
+        table.append({"ft_lr": lr, "ft_epochs": passes,
+                      "valid_auc": valid_auc(model, dataset, test, fitted.strategy, seen)})
+    best = best_of(table)
     record = {"chosen": {"ft_lr": best["ft_lr"], "ft_epochs": best["ft_epochs"]}, "candidates": table,
               "rows": {"fit": len(fit), "pseudo_ft": len(ft), "pseudo_test": len(test)}}
     return cfg.model_copy(update={"ft_lr": best["ft_lr"], "ft_epochs": best["ft_epochs"]}), record

@@ -114,17 +114,12 @@ def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_k
     for s in ("train", "test", *FT_STAGES):
         dataset.split(f"{subset}_{s}")  # fail early (DataError) on a missing split
     trainer = trainer or Trainer()
-    selection = strategy_choice = None
-    if cfg.strategy_select:  # strategy settings chosen on rows cut from the training split
-        from metactr.papers.rml.strategy_select import select_strategy
+    chosen = {}
+    if cfg.strategy_select or cfg.ft_select:  # settings chosen on rows cut from the training split
+        from metactr.papers.rml.strategy_select import choose_settings
 
-        strategy, strategy_choice = select_strategy(dataset, subset, model_name, model_kw, strategy, cfg, seed,
-                                                    epochs=epochs, batch_size=batch_size, trainer=trainer)
-    if cfg.ft_select:  # FT rate and passes chosen on rows cut from the training split, before training
-        from metactr.papers.rml.ft_select import select_finetuning
-
-        cfg, selection = select_finetuning(dataset, subset, model_name, model_kw, strategy, cfg, seed, epochs=epochs,
-                                           batch_size=batch_size, trainer=trainer)
+        strategy, cfg, chosen = choose_settings(dataset, subset, model_name, model_kw, strategy, cfg, seed,
+                                                epochs=epochs, batch_size=batch_size, trainer=trainer)
     seed_everything(seed)
     model = build_model(model_name, dataset.spec, **model_kw)
     t0 = time.perf_counter()
@@ -145,10 +140,7 @@ def run_protocol(dataset: PreparedDataset, subset: str, model_name: str, model_k
         if on_scores is not None:
             on_scores(stage, y, prob)
         row = {"subset": subset, "stage": stage, "seed": seed, "ft_steps": steps, **m, "train_s": round(train_s, 2)}
-        if selection is not None:
-            row["ft_selection"] = selection["chosen"]
-        if strategy_choice is not None:
-            row["strategy_selection"] = strategy_choice["chosen"]
+        row.update({k: rec["chosen"] for k, rec in chosen.items()})  # ft_selection / strategy_selection
         if cfg.mode == "faithful":  # also every test row, to compare with the authors' partial scoring
             full, _, _ = evaluate(model, dataset, test, torch.arange(len(dataset.split(test))), fitted.strategy, seen)
             row.update({f"{k}_all_rows": v for k, v in full.items()})

@@ -24,14 +24,15 @@ from typing import Any
 import torch
 
 from metactr.data.prepared import PreparedDataset
-from metactr.eval.adapted import protocol_proba
-from metactr.eval.metrics import auc as auc_score
-from metactr.models.base import build_model
 from metactr.papers.rml.finetune import finetune
-from metactr.papers.rml.ft_select import validation_cut
-from metactr.strategies import build_strategy
+from metactr.papers.rml.ft_select import (
+    best_of,
+    select_finetuning,
+    train_probe,
+    valid_auc,
+    validation_cut,
+)
 from metactr.train.trainer import Trainer
-from metactr.utils import seed_everything
 
 
 def combinations(grid: dict[str, list]) -> list[dict[str, Any]]:
@@ -56,24 +57,36 @@ def select_strategy(dataset: PreparedDataset, subset: str, model_name: str, mode
     """(the strategy config with the chosen settings, a record of the choice)."""
     trainer = trainer or Trainer()
     fit, ft, test = validation_cut(dataset.split(f"{subset}_train"), cfg.ft_valid_fraction)
-    y = test.label.numpy()
-    table, best = [], None
+    table = []
     for settings in combinations(cfg.strategy_select):
         cand = with_settings(strategy, settings)
-        seed_everything(seed)
-        model = build_model(model_name, dataset.spec, **model_kw)
-        fitted = trainer.fit(model, dataset, fit, build_strategy(cand), epochs=epochs, batch_size=batch_size,
-                             generator=torch.Generator().manual_seed(seed))
+        model, fitted = train_probe(dataset, fit, model_name, model_kw, cand, seed, epochs=epochs,
+                                    batch_size=batch_size, trainer=trainer)
         finetune(model, dataset, ft, fitted.strategy.optimizer, cfg, torch.Generator().manual_seed(seed + 7919),
                  cand.clip_norm, trainer)
-        auc = auc_score(y, protocol_proba(model, dataset, test, fitted.strategy, [fit, ft]))
-        table.append({**settings, "valid_auc": auc})
-        if auc is not None and (best is None or auc > best[1]):
-            best = (settings, auc)
-    chosen = best[0] if best is not None else combinations(cfg.strategy_select)[0]
+        table.append({**settings, "valid_auc": valid_auc(model, dataset, test, fitted.strategy, [fit, ft])})
+    chosen = {k: best_of(table)[k] for k in cfg.strategy_select}
     record = {"chosen": chosen, "candidates": table,
               "rows": {"fit": len(fit), "pseudo_ft": len(ft), "pseudo_test": len(test)}}
     return with_settings(strategy, chosen), record
+
+
+def choose_settings(dataset: PreparedDataset, subset: str, model_name: str, model_kw: dict, strategy: Any,
+                    cfg, seed: int, *, epochs: float, batch_size: int,
+                    trainer: Trainer | None = None) -> tuple[Any, Any, dict]:
+    """(strategy config, protocol config, records) after the selections ``cfg`` asks for: the
+    strategy settings first (``strategy_select``), then the FT rate and passes for that strategy
+    (``ft_select``, ``papers.rml.ft_select``). The one entry of the protocol and the bench jobs."""
+    records = {}
+    if cfg.strategy_select:
+        strategy, records["strategy_selection"] = select_strategy(
+            dataset, subset, model_name, model_kw, strategy, cfg, seed, epochs=epochs, batch_size=batch_size,
+            trainer=trainer)
+    if cfg.ft_select:
+        cfg, records["ft_selection"] = select_finetuning(
+            dataset, subset, model_name, model_kw, strategy, cfg, seed, epochs=epochs, batch_size=batch_size,
+            trainer=trainer)
+    return strategy, cfg, records
 
 
 def check_selection(strategy: Any, cfg, method: str) -> None:
