@@ -8,6 +8,7 @@ first alternates too); the result is the median over pairs of the per-pair time 
 
     .venv/bin/python benchmarks/ab_step.py --compare precision            # fp32 vs bf16 autocast
     .venv/bin/python benchmarks/ab_step.py --compare gather               # advanced indexing vs index_select
+    .venv/bin/python benchmarks/ab_step.py --compare native               # PyTorch lookups vs the compiled kernel
     .venv/bin/python benchmarks/ab_step.py --compare precision --predict  # prediction batches
     .venv/bin/python benchmarks/ab_step.py --data runs/prepared/ml-1m-random --compare precision
 
@@ -29,10 +30,11 @@ from bench_ctr import step_parser, step_setup  # benchmarks/bench_ctr.py: the sa
 
 def main(argv: list[str] | None = None) -> int:
     ap = step_parser(__doc__)
-    ap.add_argument("--compare", required=True, choices=["precision", "gather", "compile"],
+    ap.add_argument("--compare", required=True, choices=["precision", "gather", "compile", "native"],
                     help="precision: fp32 (A) vs bf16 (B); gather: x[idx] (A) vs take_rows/index_select (B); "
                          "compile: eager (A) vs torch.compile of the model (B, inductor; its compile time is "
-                         "reported apart: the first B block)")
+                         "reported apart: the first B block); native: the PyTorch lookups (A) vs the compiled "
+                         "kernel of metactr.models.native (B)")
     ap.add_argument("--predict", action="store_true", help="time prediction batches instead of training steps")
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--steps", type=int, default=40, help="steps (or batches) per block")
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import metactr.data.prepared as prepared
     from metactr.data.batch import take_rows
     from metactr.engine.precision import autocast
+    from metactr.models import native
     from metactr.strategies.plain import LossModule
 
     ds, split, model, opt = step_setup(args.data, args.model, "test" if args.predict else "train")
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     fwd = model
     gen = torch.Generator().manual_seed(0)
     stream = iter(())
+    lib = native.library()
 
     def next_batch():
         nonlocal stream
@@ -66,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     def use(variant: str) -> str:
         """Switch to variant A or B; returns the precision the forward runs in."""
         nonlocal fwd
+        if args.compare == "native":
+            native._lib = lib if variant == "B" else None
+            return "fp32"
         if args.compare == "compile":
             fwd = compiled if variant == "B" else model
             loss_fn.model = fwd
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             times[v].append(block(use(v)))
     ratios = [a / b for a, b in zip(times["A"], times["B"], strict=True)]
     names = {"precision": ("fp32", "bf16"), "gather": ("x[idx]", "index_select"),
-             "compile": ("eager", "compiled")}[args.compare]
+             "compile": ("eager", "compiled"), "native": ("torch path", "native")}[args.compare]
     what = "prediction batch" if args.predict else "training step"
     for v, name in zip("AB", names, strict=True):
         print(f"{v} {name:12s} median {statistics.median(times[v]):.3f} ms per {what}  "

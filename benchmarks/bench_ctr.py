@@ -150,8 +150,13 @@ def step_parser(doc: str) -> argparse.ArgumentParser:
 
 def step_setup(data: Path, model_name: str, split_name: str):
     """(dataset, split, model, Adam at 1e-3) as this benchmark builds them, seeded 0: the start of
-    ab_step.py and profile_step.py."""
+    ab_step.py and profile_step.py. The allocator is set as the Trainer sets it
+    (``metactr.engine.host``; ``METACTR_MALLOC_RETAIN=0`` leaves it alone)."""
     import torch
+
+    from metactr.engine.host import retain_freed_memory
+
+    retain_freed_memory()
 
     from metactr.data.prepared import PreparedDataset
     from metactr.engine.optim import build_optimizer
@@ -203,7 +208,17 @@ def run_ours(model_name: str, data: Path, threads: int, seed: int, device: str =
             "train_samples_per_s": rows / train_s, "train_s": train_s, "startup_s": startup_s,
             "predict_samples_per_s": len(test) / pred_s, "predict_s": pred_s,
             "test_auc": auc(test.label.numpy(), prob), "train_loss": loss_sum / rows,
-            "n_params": sum(p.numel() for p in model.parameters()), "peak_rss_mb": _peak_rss_mb()}
+            "n_params": sum(p.numel() for p in model.parameters()), "peak_rss_mb": _peak_rss_mb(),
+            **_our_settings()}
+
+
+def _our_settings() -> dict:
+    """What our side ran with: the compiled lookup kernel (or why not), the allocator setting."""
+    from metactr.engine import host
+    from metactr.models import native
+
+    return {"native_kernel": native.library() is not None, "native_note": native.load_error,
+            "malloc_retain": bool(host._state)}
 
 
 # ----------------------------------------------------------------------------- the limit
@@ -220,6 +235,10 @@ def run_limit(model_name: str, data: Path, threads: int, seed: int, device: str 
     sys.path.insert(0, str(ROOT / "src"))
     from metactr.engine.precision import autocast
 
+    from metactr.engine.host import retain_freed_memory
+
+    if torch.device(device).type == "cpu":
+        retain_freed_memory()  # the best this host allows: the allocator as our Trainer sets it
     torch.manual_seed(seed)
     dev = torch.device(device)
     dims = LIMIT_SHAPES

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/profile_step.py [--model deepfm] [--out X.json]
 
 Parts, each the median over ``--blocks`` blocks of ``--steps`` calls on bench_ctr.py's data (batch
-1,024, 2 threads): the batch gather, the embedding part (``flat_fields`` forward + backward; DeepFM
+1,024, 2 threads): the batch gather (the next rows of a shuffled epoch order), the embedding part (``flat_fields`` forward + backward; DeepFM
 only), the MLP alone forward + backward with an input that needs its gradient, the whole model's
 forward + backward (loss included), the fused Adam step, and the whole training step. Blocks of the
 parts alternate, so a drift of this VM's speed hits every part alike.
@@ -57,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
 
-    parts = {"batch gather": lambda: ds.batch(split, idx[k[0] % 8]),
+    perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(99))
+    pos = [0]
+
+    def gather():  # as an epoch does: the next 1,024 rows of a shuffled order (cold in the caches)
+        pos[0] = (pos[0] + 1024) % (len(split) - 1024)
+        return ds.batch(split, perm[pos[0]:pos[0] + 1024])
+
+    parts = {"batch gather": gather,
              "MLP alone fwd+bwd": lambda: model.mlp(mlp_in).sum().backward(),
              "model fwd+bwd (loss incl.)": fwd_bwd, "Adam step": opt.step, "whole step": step}
     if args.model == "deepfm":

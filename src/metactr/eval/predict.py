@@ -10,8 +10,9 @@ from torch import Tensor
 from torch.func import functional_call
 
 from metactr.data.prepared import PreparedDataset, Split
-from metactr.models.base import CTRModel
+from metactr.engine.host import retain_freed_memory
 from metactr.engine.precision import autocast
+from metactr.models.base import CTRModel
 
 
 @torch.inference_mode()
@@ -23,6 +24,8 @@ def predict_proba(model: CTRModel, dataset: PreparedDataset, split: Split | str,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        retain_freed_memory()
     try:
         outs = []
         with autocast(device, precision):  # one region for all batches: the weights are cast to bf16 once

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 
 from metactr.data.batch import Batch, FeatureSpec
 from metactr.errors import ConfigError
-from metactr.models.layers import FieldEmbedding, HistoryLabels, gather_rows, shares_rows
+from metactr.models import native
+from metactr.models.layers import (
+    FieldEmbedding,
+    HistoryLabels,
+    gather_rows,
+    shares_rows,
+)
 
 
 def check_hparams(model: str, *, embed_dim: int | None = None, hidden: tuple[int, ...] | list[int] | None = None,
@@ -54,8 +60,13 @@ def history_fields(embedding: FieldEmbedding, batch: Batch) -> Tensor:
     session gives zeros. Computed as one weighted bag of table rows (``FieldEmbedding.bag``):
     no ``[..., L, Fi, D]`` intermediate is built, masked and summed.
     """
+    return embedding.bag(batch.hist, "item", history_weights(embedding, batch))
+
+
+def history_weights(embedding: FieldEmbedding, batch: Batch) -> Tensor:
+    """``[..., L]``: each session position's weight in the session mean (mask / #valid, at least 1)."""
     m = batch.hist_mask.to(embedding.weight.dtype)
-    return embedding.bag(batch.hist, "item", m / m.sum(-1, keepdim=True).clamp_min(1.0))
+    return m / m.sum(-1, keepdim=True).clamp_min(1.0)
 
 
 def lookup(embedding: FieldEmbedding, parts: list[tuple[Tensor, str]]) -> Tensor:
@@ -65,6 +76,8 @@ def lookup(embedding: FieldEmbedding, parts: list[tuple[Tensor, str]]) -> Tensor
     pass over the table instead of one per group).
     """
     parts = [(ids, g) for ids, g in parts if g in embedding.n_fields]
+    if parts and native.usable(embedding.weight):
+        return embedding.fields([(ids, g, None) for ids, g in parts])
     if len(parts) > 1 and all(embedding.single_valued[g] for _, g in parts):
         ids = torch.cat([i for i, _ in parts], dim=-1)
         offsets = torch.cat([getattr(embedding, f"{g}_offsets") for _, g in parts])
@@ -78,6 +91,11 @@ def lookup(embedding: FieldEmbedding, parts: list[tuple[Tensor, str]]) -> Tensor
 
 def flat_fields(embedding: FieldEmbedding, batch: Batch, use_history: bool) -> Tensor:
     """``[..., F, D]``: user, context, target-item and (optionally) history field vectors."""
+    if native.usable(embedding.weight):  # every field in one call of the compiled kernel
+        parts = [(batch.user, "user", None), (batch.context, "context", None), (batch.item, "item", None)]
+        if use_history:
+            parts.append((batch.hist, "item", history_weights(embedding, batch)))
+        return embedding.fields(parts)
     v = lookup(embedding, [(batch.user, "user"), (batch.context, "context"), (batch.item, "item")])
     if use_history:
         v = torch.cat([v, history_fields(embedding, batch)], dim=-2)

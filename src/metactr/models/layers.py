@@ -13,7 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from metactr.data.batch import FeatureSpec, Field
-from metactr.models.pooling import bag_coefficients, pooled_rows, slot_weights, use_table
+from metactr.models import native
+from metactr.models.pooling import (
+    bag_coefficients,
+    pooled_rows,
+    slot_weights,
+    use_table,
+)
 
 GROUPS = ("user", "item", "context")
 
@@ -58,6 +64,7 @@ class FieldEmbedding(nn.Module):
             pool[torch.arange(len(slot_field)), torch.tensor(slot_field)] = 1.0
             self.register_buffer(f"{g}_offsets", torch.tensor(slot_offsets, dtype=torch.long), persistent=False)
             self.register_buffer(f"{g}_pool", pool, persistent=False)
+            self.register_buffer(f"{g}_slot_field", torch.tensor(slot_field, dtype=torch.long), persistent=False)
         self.n_fields = {g: len(spec.group(g)) for g in self.groups}
 
         self.single_valued = {g: all(f.max_len == 1 for f in spec.group(g)) for g in self.groups}
@@ -77,6 +84,8 @@ class FieldEmbedding(nn.Module):
     def forward(self, ids: Tensor, group: str) -> Tensor:
         if group not in self.n_fields:
             return ids.new_zeros((*ids.shape[:-1], 0, self.dim), dtype=self.weight.dtype)
+        if native.usable(self.weight):  # the compiled lookup (models.native): same sums, 5x faster fwd+bwd
+            return native.bag(self.weight, *self.slots(ids, group), self.n_fields[group])
         offsets = getattr(self, f"{group}_offsets")
         mask = (ids > 0).to(self.weight.dtype)
         if self.single_valued[group]:  # pooling would be the identity: skipping it is ~2.5x faster fwd+bwd
@@ -99,6 +108,8 @@ class FieldEmbedding(nn.Module):
         if group not in self.n_fields:
             return ids.new_zeros((*ids.shape[:-2], 0, self.dim), dtype=self.weight.dtype)
         dtype = self.weight.dtype
+        if native.usable(self.weight) and not weights.requires_grad:
+            return native.bag(self.weight, *self.slots(ids, group, weights), self.n_fields[group])
         if self.single_valued[group] and not use_table(self.weight.shape[-2], self.n_fields[group],
                                                        ids.shape[-2] * ids.shape[-1]):
             # one slot per field and a full table: a lookup and a weighted sum are ~3x faster
@@ -109,6 +120,54 @@ class FieldEmbedding(nn.Module):
         coef = bag_coefficients(slot_weights((ids > 0).to(dtype), pool), pool, weights.to(dtype))
         rows = self.rows(ids, getattr(self, f"{group}_offsets")).flatten(-2)
         return pooled_rows(self.weight, rows, coef)
+
+    def slots(self, ids: Tensor, group: str, weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(rows, coef, field of each slot)`` of a group's slot ids ``[..., S]``: the table row,
+        the weight in its field's mean (the mask for single-valued fields, ``slot_weights``
+        otherwise) and the field index ``[S]``. With ``weights [..., L]`` the ids are a session
+        ``[..., L, S]``, flattened position-major into ``L * S`` slots whose coefficients carry the
+        position weight (``bag``). The inputs of ``models.native.bag``."""
+        dtype = self.weight.dtype
+        mask = (ids > 0).to(dtype)
+        coef = mask if self.single_valued[group] else slot_weights(mask, getattr(self, f"{group}_pool"))
+        rows, fmap = self.rows(ids, getattr(self, f"{group}_offsets")), getattr(self, f"{group}_slot_field")
+        if weights is not None:
+            coef = (coef * weights.to(dtype).unsqueeze(-1)).flatten(-2)
+            rows, fmap = rows.flatten(-2), self._field_map(((group, ids.shape[-2]),))
+        return rows, coef, fmap
+
+    def _field_map(self, layout: tuple[tuple[str, int | None], ...]) -> Tensor:
+        """The output field of each slot for groups laid out as ``layout`` (``(group, positions or
+        None)``, fields numbered on in that order), built once per layout: a step asks for the
+        same few layouts every time, and building one costs more than the lookup's own bookkeeping."""
+        cache = self.__dict__.setdefault("_field_maps", {})
+        fmap = cache.get(layout)
+        if fmap is None or fmap.device != self.weight.device:
+            parts, base = [], 0
+            for group, positions in layout:
+                f = getattr(self, f"{group}_slot_field") + base
+                parts.append(f.repeat(positions) if positions is not None else f)
+                base += self.n_fields[group]
+            fmap = cache[layout] = torch.cat(parts)
+        return fmap
+
+    def fields(self, parts: list[tuple[Tensor, str, Tensor | None]]) -> Tensor:
+        """Field vectors of several ``(ids, group, session weights or None)`` parts, concatenated
+        on the field axis, in one call of the compiled kernel (one table gradient instead of one
+        per part). Only where ``native.usable(self.weight)``; groups without fields are skipped."""
+        parts = [p for p in parts if p[1] in self.n_fields]
+        if not parts:
+            raise ValueError("fields needs at least one non-empty group")
+        rows, coef = [], []
+        for ids, group, weights in parts:
+            r, c, _ = self.slots(ids, group, weights)
+            rows.append(r)
+            coef.append(c)
+        fmap = self._field_map(tuple((g, None if w is None else ids.shape[-2]) for ids, g, w in parts))
+        n_fields = sum(self.n_fields[g] for _, g, _ in parts)
+        if len(parts) == 1:
+            return native.bag(self.weight, rows[0], coef[0], fmap, n_fields)
+        return native.bag(self.weight, torch.cat(rows, -1), torch.cat(coef, -1), fmap, n_fields)
 
 
 class Dice(nn.Module):

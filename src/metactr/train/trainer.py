@@ -46,6 +46,7 @@ from pydantic import BaseModel
 from metactr.config import dump_config
 from metactr.data.prepared import PreparedDataset, Split
 from metactr.engine.distributed import DistInfo, barrier, broadcast_float
+from metactr.engine.host import retain_freed_memory
 from metactr.engine.steps import n_steps
 from metactr.errors import ConfigError, DataError
 from metactr.models.base import CTRModel
@@ -180,6 +181,8 @@ class Trainer:
         if len(train_split) == 0:
             raise DataError(f"split '{train_split.name}' is empty", path=dataset.root)
         model.to(self.device)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # engine.host: freed blocks reused, not page-faulted in again every step
         ctx = Context(model, dataset, train_split, generator, epochs, batch_size, self.device, self.dist,
                       self.precision, drop_last)
         phases = strategy.setup(ctx)
