@@ -112,6 +112,16 @@ def test_a_row_outside_the_table_is_an_index_error_naming_it():
         native.bag(w, torch.tensor([[-1]]), torch.zeros(1, 1), torch.tensor([0]), 1)
 
 
+def test_a_bad_field_map_or_mismatched_shapes_are_refused():
+    w = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="field map entry 4 at slot 1 is outside"):
+        native.bag(w, torch.tensor([[1, 2]]), torch.ones(1, 2), torch.tensor([0, 4]), 2)
+    with pytest.raises(ValueError, match="do not match"):
+        native.bag(w, torch.tensor([[1, 2]]), torch.ones(1, 3), torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match="do not match"):
+        native.bag(w, torch.tensor([[1, 2]]), torch.ones(1, 2), torch.tensor([0]), 2)
+
+
 def test_padding_ids_and_empty_inputs():
     spec = SPECS["single"]
     emb = FieldEmbedding(spec, 4)

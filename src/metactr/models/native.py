@@ -55,8 +55,9 @@ int64_t FWD(const T* W, int64_t V, int64_t D, const int64_t* rows, const T* coef
     T* on = out + n * F * D; const int64_t* rn = rows + n * S; const T* cn = coef + n * S;        \
     for (int64_t s = 0; s < S; s++) {                                                             \
       int64_t r = rn[s]; if (r < 0 || r >= V) return n * S + s + 1;                               \
+      int64_t f = fmap[s]; if (f < 0 || f >= F) return -(s + 1);                                 \
       T c = cn[s]; if (c == 0) continue;                                                          \
-      const T* w = W + r * D; T* o = on + fmap[s] * D;                                            \
+      const T* w = W + r * D; T* o = on + f * D;                                                  \
       for (int64_t d = 0; d < D; d++) o[d] += c * w[d];                                           \
     }                                                                                             \
   }                                                                                               \
@@ -69,8 +70,9 @@ int64_t BWD(const T* G, int64_t V, int64_t D, const int64_t* rows, const T* coef
     const T* gn = G + n * F * D; const int64_t* rn = rows + n * S; const T* cn = coef + n * S;    \
     for (int64_t s = 0; s < S; s++) {                                                             \
       int64_t r = rn[s]; if (r < 0 || r >= V) return n * S + s + 1;                               \
+      int64_t f = fmap[s]; if (f < 0 || f >= F) return -(s + 1);                                 \
       T c = cn[s]; if (c == 0) continue;                                                          \
-      const T* g = gn + fmap[s] * D; T* o = gW + r * D;                                           \
+      const T* g = gn + f * D; T* o = gW + r * D;                                                 \
       for (int64_t d = 0; d < D; d++) o[d] += c * g[d];                                           \
     }                                                                                             \
   }                                                                                               \
@@ -177,6 +179,8 @@ def _call(kind: str, src: Tensor, rows: Tensor, coef: Tensor, fmap: Tensor, n_fi
     fn = getattr(library(), f"bag_{kind}_{_SUFFIX[src.dtype]}")
     bad = fn(src.data_ptr(), n_rows, dim, rows.data_ptr(), coef.data_ptr(), n, s, fmap.data_ptr(), n_fields,
              out.data_ptr())
+    if bad < 0:
+        raise ValueError(f"field map entry {int(fmap[-bad - 1])} at slot {-bad - 1} is outside [0, {n_fields})")
     if bad:
         k = bad - 1
         raise IndexError(f"index {int(rows.view(-1)[k])} is out of range for an embedding table of {n_rows} rows")
@@ -218,6 +222,9 @@ def bag(weight: Tensor, rows: Tensor, coef: Tensor, fmap: Tensor, n_fields: int)
     long ``[S]`` in ``[0, n_fields)``. Call only where ``usable(weight)``."""
     if coef.requires_grad:
         raise ValueError("native.bag: coef must not need its gradient (use the PyTorch path)")
+    if coef.shape != rows.shape or fmap.shape != rows.shape[-1:] or rows.dtype != torch.long:
+        raise ValueError(f"native.bag: rows {tuple(rows.shape)} ({rows.dtype}), coef {tuple(coef.shape)} and "
+                         f"fmap {tuple(fmap.shape)} do not match (coef as rows, fmap one entry per slot)")
     lead = rows.shape[:-1]
     n = lead.numel()
     rows2 = rows.reshape(n, rows.shape[-1]).contiguous()
