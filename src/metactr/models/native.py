@@ -47,36 +47,34 @@ from torch import Tensor
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+/* One loop for both directions: for every slot s of row n with row r = rows[n, s] and field
+   f = fmap[s], fwd adds coef * W[r] to out[n, f]; bwd (the adjoint) adds coef * G[n, f] to gW[r].
+   Returns 0, n * S + s + 1 for a row outside [0, V), or -(s + 1) for a field outside [0, F). */
 #define BAG(T, FWD, BWD)                                                                          \
-int64_t FWD(const T* W, int64_t V, int64_t D, const int64_t* rows, const T* coef, int64_t N,     \
-            int64_t S, const int64_t* fmap, int64_t F, T* out) {                                 \
-  memset(out, 0, sizeof(T) * (size_t)(N * F * D));                                               \
+static int64_t BWD##_loop(int fwd, const T* src, int64_t V, int64_t D, const int64_t* rows,      \
+                          const T* coef, int64_t N, int64_t S, const int64_t* fmap, int64_t F,   \
+                          T* dst) {                                                               \
+  memset(dst, 0, sizeof(T) * (size_t)((fwd ? N * F : V) * D));                                   \
   for (int64_t n = 0; n < N; n++) {                                                               \
-    T* on = out + n * F * D; const int64_t* rn = rows + n * S; const T* cn = coef + n * S;        \
+    const int64_t* rn = rows + n * S; const T* cn = coef + n * S;                                 \
     for (int64_t s = 0; s < S; s++) {                                                             \
       int64_t r = rn[s]; if (r < 0 || r >= V) return n * S + s + 1;                               \
-      int64_t f = fmap[s]; if (f < 0 || f >= F) return -(s + 1);                                 \
+      int64_t f = fmap[s]; if (f < 0 || f >= F) return -(s + 1);                                  \
       T c = cn[s]; if (c == 0) continue;                                                          \
-      const T* w = W + r * D; T* o = on + f * D;                                                  \
-      for (int64_t d = 0; d < D; d++) o[d] += c * w[d];                                           \
+      const T* x = fwd ? src + r * D : src + (n * F + f) * D;                                     \
+      T* o = fwd ? dst + (n * F + f) * D : dst + r * D;                                           \
+      for (int64_t d = 0; d < D; d++) o[d] += c * x[d];                                           \
     }                                                                                             \
   }                                                                                               \
   return 0;                                                                                       \
 }                                                                                                 \
+int64_t FWD(const T* W, int64_t V, int64_t D, const int64_t* rows, const T* coef, int64_t N,     \
+            int64_t S, const int64_t* fmap, int64_t F, T* out) {                                 \
+  return BWD##_loop(1, W, V, D, rows, coef, N, S, fmap, F, out);                                  \
+}                                                                                                 \
 int64_t BWD(const T* G, int64_t V, int64_t D, const int64_t* rows, const T* coef, int64_t N,     \
             int64_t S, const int64_t* fmap, int64_t F, T* gW) {                                  \
-  memset(gW, 0, sizeof(T) * (size_t)(V * D));                                                     \
-  for (int64_t n = 0; n < N; n++) {                                                               \
-    const T* gn = G + n * F * D; const int64_t* rn = rows + n * S; const T* cn = coef + n * S;    \
-    for (int64_t s = 0; s < S; s++) {                                                             \
-      int64_t r = rn[s]; if (r < 0 || r >= V) return n * S + s + 1;                               \
-      int64_t f = fmap[s]; if (f < 0 || f >= F) return -(s + 1);                                 \
-      T c = cn[s]; if (c == 0) continue;                                                          \
-      const T* g = gn + f * D; T* o = gW + r * D;                                                 \
-      for (int64_t d = 0; d < D; d++) o[d] += c * g[d];                                           \
-    }                                                                                             \
-  }                                                                                               \
-  return 0;                                                                                       \
+  return BWD##_loop(0, G, V, D, rows, coef, N, S, fmap, F, gW);                                   \
 }
 BAG(float, bag_fwd_f32, bag_bwd_f32)
 BAG(double, bag_fwd_f64, bag_bwd_f64)
