@@ -1,6 +1,6 @@
 """Where one DeepFM (or DIN) training step goes: its parts timed alone, in one process.
 
-    .venv/bin/python benchmarks/profile_step.py [--model deepfm] [--out X.json]
+    .venv/bin/python benchmarks/profile_step.py [--model deepfm] [--predict] [--out X.json]
 
 Parts, each the median over ``--blocks`` blocks of ``--steps`` calls on bench_ctr.py's data (batch
 1,024, 2 threads): the batch gather (the next rows of a shuffled epoch order), the embedding part (``flat_fields`` forward + backward; DeepFM
@@ -11,6 +11,7 @@ parts alternate, so a drift of this VM's speed hits every part alike.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--blocks", type=int, default=7)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--predict", action="store_true",
+                    help="the parts of a prediction batch instead (inference mode, in-order test rows): the "
+                         "batch gather, the embeddings, the MLP alone, the whole forward")
     args = ap.parse_args(argv)
 
     import torch
@@ -69,8 +73,25 @@ def main(argv: list[str] | None = None) -> int:
              "model fwd+bwd (loss incl.)": fwd_bwd, "Adam step": opt.step, "whole step": step}
     if args.model == "deepfm":
         parts["embeddings fwd+bwd"] = lambda: flat_fields(model.embedding, nxt(), True).sum().backward()
-    loss, _ = objective(model, None, nxt())
-    loss.backward()  # grads exist for the Adam part
+    if args.predict:
+        test = ds.split("test")
+        start = [0]
+
+        def in_order():  # as predict_proba does: the next 1,024 test rows, in order
+            start[0] = (start[0] + 1024) % (len(test) - 1024)
+            return ds.batch(test, slice(start[0], start[0] + 1024))
+
+        model.eval()
+        x = mlp_in.detach()
+        parts = {"batch gather": in_order, "MLP alone fwd": lambda: model.mlp(x),
+                 "whole forward": lambda: torch.sigmoid(model(nxt()).logit)}
+        if args.model == "deepfm":
+            parts["embeddings fwd"] = lambda: flat_fields(model.embedding, nxt(), True)
+    else:
+        loss, _ = objective(model, None, nxt())
+        loss.backward()  # grads exist for the Adam part
+    mode = torch.inference_mode() if args.predict else contextlib.nullcontext()
+    mode.__enter__()
     times: dict[str, list[float]] = {p: [] for p in parts}
     for _ in range(2):
         for fn in parts.values():
@@ -84,12 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     med = {p: statistics.median(t) for p, t in times.items()}
     for p, m in med.items():
         print(f"{p:28s} {m:7.3f} ms  ({min(times[p]):.3f}-{max(times[p]):.3f})")
-    print(f"MLP alone / whole step: {med['MLP alone fwd+bwd'] / med['whole step']:.0%}")
+    if args.predict:
+        print(f"MLP alone / whole forward: {med['MLP alone fwd'] / med['whole forward']:.0%}")
+    else:
+        print(f"MLP alone / whole step: {med['MLP alone fwd+bwd'] / med['whole step']:.0%}")
     if args.out:
         from metactr.utils import write_json_atomic
 
         write_json_atomic(args.out, {"command": "python benchmarks/profile_step.py " + " ".join(sys.argv[1:]),
-                                     "model": args.model, "median_ms": med, "ms": times, "machine": machine()})
+                                     "model": args.model, "predict": args.predict, "median_ms": med, "ms": times, "machine": machine()})
     return 0
 
 
