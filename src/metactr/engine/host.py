@@ -4,11 +4,12 @@ A CPU training step allocates and frees the same tensors every step; many are 0.
 packed attention activations are 5,600 x 64 floats, 1.4 MB). glibc's malloc serves such blocks
 with ``mmap`` or returns the top of its heap to the kernel when they are freed (its dynamic
 ``M_MMAP_THRESHOLD`` / ``M_TRIM_THRESHOLD``), so the next step touches fresh pages and pays a
-page fault per 4 KB. On this project's 2-core AMD EPYC (Zen 4) host, one thread, another job on
-the other core: a Dice layer's forward + backward on 5,600 x 64 took 438 page faults and 3.6 ms,
-against 5 faults and 1.7 ms with freed memory kept; DIN's training step at 2 threads took 3.6x
-its MLP's time instead of 3.9-4.1x (about 10% faster), DeepFM's no measurable difference
-(``benchmarks/profile_step.py`` with ``METACTR_MALLOC_RETAIN=0`` / ``1``, ``docs/training.md``). The usual cure is ``LD_PRELOAD`` of jemalloc or tcmalloc (PyTorch's CPU
+page fault per 4 KB. On this project's 2-core AMD EPYC (Zen 4) host, DIN's training step at 2
+threads took 3.6x its MLP's time instead of 3.9-4.1x (about 10% faster), DeepFM's no measurable
+difference (``benchmarks/profile_step.py`` with ``METACTR_MALLOC_RETAIN=0`` / ``1``, in
+``docs/training.md``); a Dice layer alone, forward + backward on 5,600 x 64 with one thread (a
+scratch probe, not committed, another job on the other core), took 438 page faults and 3.6 ms
+against 5 faults and 1.7 ms. The usual cure is ``LD_PRELOAD`` of jemalloc or tcmalloc (PyTorch's CPU
 tuning guide); ``retain_freed_memory`` does the same for glibc from inside the process with two
 ``mallopt`` settings: blocks below 64 MB come from the heap, and up to 1 GB of freed heap is kept.
 The resident size then stays near the run's peak instead of falling between steps; the peak
