@@ -17,6 +17,7 @@ Default data: bench_ctr.py's 1M-row sample (run it once). Model hyper-parameters
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     fwd = model
     gen = torch.Generator().manual_seed(0)
     stream = iter(())
-    lib = native.library()
+    kernel = contextlib.ExitStack()  # --compare native: the variant's native.enabled(...) block
 
     def next_batch():
         nonlocal stream
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         """Switch to variant A or B; returns the precision the forward runs in."""
         nonlocal fwd
         if args.compare == "native":
-            native._lib = lib if variant == "B" else None
+            kernel.close()
+            kernel.enter_context(native.enabled(variant == "B"))
             return "fp32"
         if args.compare == "compile":
             fwd = compiled if variant == "B" else model

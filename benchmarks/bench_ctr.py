@@ -218,7 +218,7 @@ def _our_settings() -> dict:
     from metactr.models import native
 
     return {"native_kernel": native.library() is not None, "native_note": native.load_error,
-            "malloc_retain": bool(host._state)}
+            "malloc_retain": host.retain_freed_memory()}  # (applied once by the Trainer: this reads it)
 
 
 # ----------------------------------------------------------------------------- the limit

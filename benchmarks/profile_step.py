@@ -90,18 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         loss, _ = objective(model, None, nxt())
         loss.backward()  # grads exist for the Adam part
-    mode = torch.inference_mode() if args.predict else contextlib.nullcontext()
-    mode.__enter__()
     times: dict[str, list[float]] = {p: [] for p in parts}
-    for _ in range(2):
-        for fn in parts.values():
-            fn()
-    for b in range(args.blocks):
-        for name in (list(parts) if b % 2 == 0 else list(parts)[::-1]):
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                parts[name]()
-            times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+    with torch.inference_mode() if args.predict else contextlib.nullcontext():
+        for _ in range(2):
+            for fn in parts.values():
+                fn()
+        for b in range(args.blocks):
+            for name in (list(parts) if b % 2 == 0 else list(parts)[::-1]):
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    parts[name]()
+                times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
     med = {p: statistics.median(t) for p, t in times.items()}
     for p, m in med.items():
         print(f"{p:28s} {m:7.3f} ms  ({min(times[p]):.3f}-{max(times[p]):.3f})")

@@ -19,12 +19,12 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason=f"no compiled k
 
 
 @pytest.fixture
-def torch_path(monkeypatch):
-    """Within the test, every lookup takes the PyTorch path (as without a compiler)."""
-    def use(on: bool) -> None:
-        monkeypatch.setattr(native, "_lib", native.library() if on else None)
-        monkeypatch.setattr(native, "_tried", True)
-    return use
+def kernel_calls(monkeypatch):
+    """The kernel calls made during the test, by direction (``fwd`` / ``bwd``): proof of which path ran."""
+    calls: list[str] = []
+    real = native._call
+    monkeypatch.setattr(native, "_call", lambda kind, *a: calls.append(kind) or real(kind, *a))
+    return calls
 
 
 def _loss_and_grads(model, batch):
@@ -40,68 +40,50 @@ PLAIN_MODELS = [n for n in registry() if n not in ("meta_embedding", "metaselect
 
 @pytest.mark.parametrize("spec_name", list(SPECS))
 @pytest.mark.parametrize("name", PLAIN_MODELS)
-def test_every_model_scores_and_learns_the_same_with_and_without_the_kernel(name, spec_name, torch_path):
+def test_every_model_scores_and_learns_the_same_with_and_without_the_kernel(name, spec_name, kernel_calls):
     spec = SPECS[spec_name]
     batch = make_batch(spec, B=6)
     model = make_model(name, spec)
     model.eval()  # no dropout: both passes see the same function
-    torch_path(True)
-    logit_n, grads_n = _loss_and_grads(model, batch)
-    torch_path(False)
-    logit_t, grads_t = _loss_and_grads(model, batch)
+    with native.enabled(True):
+        logit_n, grads_n = _loss_and_grads(model, batch)
+    assert "fwd" in kernel_calls and "bwd" in kernel_calls  # the kernel really ran, both ways
+    n_calls = len(kernel_calls)
+    with native.enabled(False):
+        logit_t, grads_t = _loss_and_grads(model, batch)
+    assert len(kernel_calls) == n_calls  # and the reference pass did not use it
     torch.testing.assert_close(logit_n, logit_t, rtol=1e-5, atol=1e-6)
     assert grads_n.keys() == grads_t.keys()
     for n in grads_t:
         torch.testing.assert_close(grads_n[n], grads_t[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_the_kernel_is_what_runs_when_usable(monkeypatch):
-    calls = []
-    real = native._call
-    monkeypatch.setattr(native, "_call", lambda kind, *a: calls.append(kind) or real(kind, *a))
+def test_the_kernel_is_what_runs_when_usable(kernel_calls):
     model = make_model("deepfm", SPECS["multi"])
     objective(model, None, make_batch(SPECS["multi"]))[0].backward()
-    assert calls == ["fwd", "bwd"]  # every field (user, context, item, session mean) in one call each way
+    assert kernel_calls == ["fwd", "bwd"]  # every field (user, context, item, session mean) in one call each way
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_second_order_gradients_match_the_torch_path(dtype, torch_path):
+def test_second_order_gradients_match_the_torch_path(dtype, kernel_calls):
     spec = SPECS["multi"]
     batch = make_batch(spec, B=5)
     emb = FieldEmbedding(spec, 3).to(dtype)
     target = torch.randn(5, len(spec.user) + len(spec.context) + 2 * len(spec.item), 3, dtype=dtype)
 
-    def hessian_vector(on: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        torch_path(on)
-        w = emb.weight.detach().clone().requires_grad_(True)
-        with torch.no_grad():
-            emb.weight.copy_(w)
-        from torch.func import functional_call
-        out = functional_call(emb, {"weight": w}, (batch.hist, "item"))  # forward: the per-position lookup
-        v = flat_fields_with(emb, w, batch)
-        loss = ((v - target) ** 2).sum() ** 1.5 + out.square().sum()
-        (g,) = torch.autograd.grad(loss, w, create_graph=True)
-        (h,) = torch.autograd.grad((g * g).sum(), w)
+    def gradient_and_hessian_term(on: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        with native.enabled(on):
+            per_position = emb(batch.hist, "item")  # forward: the per-position lookup
+            loss = ((flat_fields(emb, batch, True) - target) ** 2).sum() ** 1.5 + per_position.square().sum()
+            (g,) = torch.autograd.grad(loss, emb.weight, create_graph=True)
+            (h,) = torch.autograd.grad((g * g).sum(), emb.weight)
         return g.detach(), h
 
-    g_n, h_n = hessian_vector(True)
-    g_t, h_t = hessian_vector(False)
+    g_n, h_n = gradient_and_hessian_term(True)
+    assert kernel_calls.count("fwd") >= 3 and "bwd" in kernel_calls  # second order: the scatter's adjoint ran
+    g_t, h_t = gradient_and_hessian_term(False)
     torch.testing.assert_close(g_n, g_t, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(h_n, h_t, rtol=1e-4, atol=1e-5)
-
-
-def flat_fields_with(emb: FieldEmbedding, weight: torch.Tensor, batch):
-    from torch.func import functional_call
-
-    class _Wrap(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = emb
-
-        def forward(self, b):
-            return flat_fields(self.emb, b, True)
-
-    return functional_call(_Wrap(), {"emb.weight": weight}, (batch,))
 
 
 def test_a_row_outside_the_table_is_an_index_error_naming_it():
@@ -208,17 +190,18 @@ def test_threads_scoring_at_once_get_their_own_results():
             assert torch.equal(out, expected[(k + j) % 6])
 
 
-def test_lookup_of_several_groups_is_one_table_gradient(torch_path):
+def test_lookup_of_several_groups_is_one_table_gradient(kernel_calls):
     spec = SPECS["multi"]
     batch = make_batch(spec)
     emb = FieldEmbedding(spec, 5)
     parts = [(batch.user, "user"), (batch.context, "context"), (batch.item, "item")]
-    torch_path(True)
-    a = lookup(emb, parts)
-    a.square().sum().backward()
+    with native.enabled(True):
+        a = lookup(emb, parts)
+        a.square().sum().backward()
+    assert kernel_calls == ["fwd", "bwd"]
     g_a, emb.weight.grad = emb.weight.grad, None
-    torch_path(False)
-    b = lookup(emb, parts)
-    b.square().sum().backward()
+    with native.enabled(False):
+        b = lookup(emb, parts)
+        b.square().sum().backward()
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(g_a, emb.weight.grad)

@@ -8,8 +8,9 @@ the valid session items of that field's vector. The mean is how MetaSelector's m
 feature); history fields share the item table, as DeepCTR's ``embedding_name`` sharing does, so
 that FM's ``<v_target, v_history>`` term is an item-item similarity.
 
-``lookup`` embeds several single-valued groups with one ``gather_rows`` call (one backward pass
-over the table instead of one per group); it computes exactly what ``FieldEmbedding`` does.
+``lookup`` and ``flat_fields`` embed all their groups through ``FieldEmbedding.fields``: one
+backward pass over the table instead of one per group (one call of the compiled kernel where it
+runs); they compute exactly what ``FieldEmbedding`` does per group.
 """
 
 from __future__ import annotations
@@ -19,13 +20,7 @@ from torch import Tensor, nn
 
 from metactr.data.batch import Batch, FeatureSpec
 from metactr.errors import ConfigError
-from metactr.models import native
-from metactr.models.layers import (
-    FieldEmbedding,
-    HistoryLabels,
-    gather_rows,
-    shares_rows,
-)
+from metactr.models.layers import FieldEmbedding, HistoryLabels, shares_rows
 
 
 def check_hparams(model: str, *, embed_dim: int | None = None, hidden: tuple[int, ...] | list[int] | None = None,
@@ -70,36 +65,17 @@ def history_weights(embedding: FieldEmbedding, batch: Batch) -> Tensor:
 
 
 def lookup(embedding: FieldEmbedding, parts: list[tuple[Tensor, str]]) -> Tensor:
-    """Field vectors of several ``(ids, group)`` parts, concatenated on the field axis.
-
-    When every field involved is single-valued, this is one ``gather_rows`` call (one backward
-    pass over the table instead of one per group).
-    """
-    parts = [(ids, g) for ids, g in parts if g in embedding.n_fields]
-    if parts and native.usable(embedding.weight):
-        return embedding.fields([(ids, g, None) for ids, g in parts])
-    if len(parts) > 1 and all(embedding.single_valued[g] for _, g in parts):
-        ids = torch.cat([i for i, _ in parts], dim=-1)
-        offsets = torch.cat([getattr(embedding, f"{g}_offsets") for _, g in parts])
-        weight = embedding.weight
-        return gather_rows(weight, embedding.rows(ids, offsets)) * (ids > 0).unsqueeze(-1).to(weight.dtype)
-    if not parts:
-        raise ValueError("lookup needs at least one non-empty group")
-    out = [embedding(ids, g) for ids, g in parts]
-    return torch.cat(out, dim=-2) if len(out) > 1 else out[0]
+    """Field vectors of several ``(ids, group)`` parts, concatenated on the field axis, with one
+    backward pass over the table (``FieldEmbedding.fields``)."""
+    return embedding.fields([(ids, g, None) for ids, g in parts])
 
 
 def flat_fields(embedding: FieldEmbedding, batch: Batch, use_history: bool) -> Tensor:
     """``[..., F, D]``: user, context, target-item and (optionally) history field vectors."""
-    if native.usable(embedding.weight):  # every field in one call of the compiled kernel
-        parts = [(batch.user, "user", None), (batch.context, "context", None), (batch.item, "item", None)]
-        if use_history:
-            parts.append((batch.hist, "item", history_weights(embedding, batch)))
-        return embedding.fields(parts)
-    v = lookup(embedding, [(batch.user, "user"), (batch.context, "context"), (batch.item, "item")])
+    parts = [(batch.user, "user", None), (batch.context, "context", None), (batch.item, "item", None)]
     if use_history:
-        v = torch.cat([v, history_fields(embedding, batch)], dim=-2)
-    return v
+        parts.append((batch.hist, "item", history_weights(embedding, batch)))
+    return embedding.fields(parts)
 
 
 def sequence_inputs(embedding: FieldEmbedding, batch: Batch,

@@ -85,7 +85,7 @@ class FieldEmbedding(nn.Module):
         if group not in self.n_fields:
             return ids.new_zeros((*ids.shape[:-1], 0, self.dim), dtype=self.weight.dtype)
         if native.usable(self.weight):  # the compiled lookup (models.native): the same sums, faster
-            return native.bag(self.weight, *self.slots(ids, group), self.n_fields[group])
+            return self._native([(ids, group, None)])
         offsets = getattr(self, f"{group}_offsets")
         mask = (ids > 0).to(self.weight.dtype)
         if self.single_valued[group]:  # pooling would be the identity: skipping it is ~2.5x faster fwd+bwd
@@ -109,7 +109,7 @@ class FieldEmbedding(nn.Module):
             return ids.new_zeros((*ids.shape[:-2], 0, self.dim), dtype=self.weight.dtype)
         dtype = self.weight.dtype
         if native.usable(self.weight) and not weights.requires_grad:
-            return native.bag(self.weight, *self.slots(ids, group, weights), self.n_fields[group])
+            return self._native([(ids, group, weights)])
         if self.single_valued[group] and not use_table(self.weight.shape[-2], self.n_fields[group],
                                                        ids.shape[-2] * ids.shape[-1]):
             # one slot per field and a full table: a lookup and a weighted sum are ~3x faster
@@ -121,20 +121,49 @@ class FieldEmbedding(nn.Module):
         rows = self.rows(ids, getattr(self, f"{group}_offsets")).flatten(-2)
         return pooled_rows(self.weight, rows, coef)
 
-    def slots(self, ids: Tensor, group: str, weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(rows, coef, field of each slot)`` of a group's slot ids ``[..., S]``: the table row,
-        the weight in its field's mean (the mask for single-valued fields, ``slot_weights``
-        otherwise) and the field index ``[S]``. With ``weights [..., L]`` the ids are a session
-        ``[..., L, S]``, flattened position-major into ``L * S`` slots whose coefficients carry the
-        position weight (``bag``). The inputs of ``models.native.bag``."""
+    def fields(self, parts: list[tuple[Tensor, str, Tensor | None]]) -> Tensor:
+        """Field vectors of several ``(ids, group, session weights or None)`` parts (``forward`` of
+        the ids, or ``bag`` with the weights), concatenated on the field axis; groups without
+        fields are skipped. With the compiled kernel every part goes in one call; without it a
+        leading run of single-valued parts without weights is one ``gather_rows`` call. Either way
+        the table gets one backward pass instead of one per part."""
+        parts = [p for p in parts if p[1] in self.n_fields]
+        if not parts:
+            raise ValueError("fields needs at least one non-empty group")
+        if native.usable(self.weight) and not any(w is not None and w.requires_grad for _, _, w in parts):
+            return self._native(parts)
+        run = 0
+        while run < len(parts) and parts[run][2] is None and self.single_valued[parts[run][1]]:
+            run += 1
+        out = []
+        if run > 1:
+            ids = torch.cat([i for i, _, _ in parts[:run]], dim=-1)
+            offsets = torch.cat([getattr(self, f"{g}_offsets") for _, g, _ in parts[:run]])
+            out.append(gather_rows(self.weight, self.rows(ids, offsets)) * (ids > 0).unsqueeze(-1).to(self.weight.dtype))
+            parts = parts[run:]
+        out += [self(ids, g) if w is None else self.bag(ids, g, w) for ids, g, w in parts]
+        return torch.cat(out, dim=-2) if len(out) > 1 else out[0]
+
+    def _native(self, parts: list[tuple[Tensor, str, Tensor | None]]) -> Tensor:
+        """``fields`` in one call of ``models.native.bag``: each part's slots become (table row,
+        coefficient) pairs -- the mask for single-valued fields, ``slot_weights`` otherwise, times
+        the position weight for a session ``[..., L, S]`` (flattened position-major) -- and the
+        field of each slot comes from ``_field_map``."""
         dtype = self.weight.dtype
-        mask = (ids > 0).to(dtype)
-        coef = mask if self.single_valued[group] else slot_weights(mask, getattr(self, f"{group}_pool"))
-        rows, fmap = self.rows(ids, getattr(self, f"{group}_offsets")), getattr(self, f"{group}_slot_field")
-        if weights is not None:
-            coef = (coef * weights.to(dtype).unsqueeze(-1)).flatten(-2)
-            rows, fmap = rows.flatten(-2), self._field_map(((group, ids.shape[-2]),))
-        return rows, coef, fmap
+        rows, coef = [], []
+        for ids, group, weights in parts:
+            mask = (ids > 0).to(dtype)
+            c = mask if self.single_valued[group] else slot_weights(mask, getattr(self, f"{group}_pool"))
+            r = self.rows(ids, getattr(self, f"{group}_offsets"))
+            if weights is not None:
+                c, r = (c * weights.to(dtype).unsqueeze(-1)).flatten(-2), r.flatten(-2)
+            rows.append(r)
+            coef.append(c)
+        fmap = self._field_map(tuple((g, None if w is None else ids.shape[-2]) for ids, g, w in parts))
+        n_fields = sum(self.n_fields[g] for _, g, _ in parts)
+        if len(parts) > 1:
+            rows, coef = [torch.cat(rows, -1)], [torch.cat(coef, -1)]
+        return native.bag(self.weight, rows[0], coef[0], fmap, n_fields)
 
     def _field_map(self, layout: tuple[tuple[str, int | None], ...]) -> Tensor:
         """The output field of each slot for groups laid out as ``layout`` (``(group, positions or
@@ -150,24 +179,6 @@ class FieldEmbedding(nn.Module):
                 base += self.n_fields[group]
             fmap = cache[layout] = torch.cat(parts)
         return fmap
-
-    def fields(self, parts: list[tuple[Tensor, str, Tensor | None]]) -> Tensor:
-        """Field vectors of several ``(ids, group, session weights or None)`` parts, concatenated
-        on the field axis, in one call of the compiled kernel (one table gradient instead of one
-        per part). Only where ``native.usable(self.weight)``; groups without fields are skipped."""
-        parts = [p for p in parts if p[1] in self.n_fields]
-        if not parts:
-            raise ValueError("fields needs at least one non-empty group")
-        rows, coef = [], []
-        for ids, group, weights in parts:
-            r, c, _ = self.slots(ids, group, weights)
-            rows.append(r)
-            coef.append(c)
-        fmap = self._field_map(tuple((g, None if w is None else ids.shape[-2]) for ids, g, w in parts))
-        n_fields = sum(self.n_fields[g] for _, g, _ in parts)
-        if len(parts) == 1:
-            return native.bag(self.weight, rows[0], coef[0], fmap, n_fields)
-        return native.bag(self.weight, torch.cat(rows, -1), torch.cat(coef, -1), fmap, n_fields)
 
 
 class Dice(nn.Module):

@@ -32,6 +32,7 @@ deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -152,6 +153,20 @@ def library() -> ctypes.CDLL | None:
                 load_error = f"native kernel unavailable ({e}); using the PyTorch path"
         _tried = True
         return _lib
+
+
+@contextlib.contextmanager
+def enabled(on: bool):
+    """Within the block the models use the kernel (``on``, where it is available) or their PyTorch
+    path (as without a compiler): for A/B timings and equivalence tests."""
+    global _lib, _tried
+    lib = library()
+    saved = _lib, _tried
+    _lib, _tried = (lib if on else None), True
+    try:
+        yield
+    finally:
+        _lib, _tried = saved
 
 
 def _transformed() -> bool:
