@@ -205,3 +205,15 @@ def test_lookup_of_several_groups_is_one_table_gradient(kernel_calls):
         b.square().sum().backward()
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(g_a, emb.weight.grad)
+
+
+def test_predicting_first_then_training_works(kernel_calls):
+    """The kernel's cached field maps are built outside inference mode, so a model scored first
+    (``predict_proba`` runs under ``torch.inference_mode``) still trains afterwards."""
+    spec = SPECS["multi"]
+    model, batch = make_model("deepfm", spec), make_batch(spec)
+    with torch.inference_mode():
+        model(batch)
+    loss, _ = objective(model, None, batch)
+    loss.backward()
+    assert kernel_calls == ["fwd", "fwd", "bwd"] and model.embedding.weight.grad is not None

@@ -172,12 +172,15 @@ class FieldEmbedding(nn.Module):
         cache = self.__dict__.setdefault("_field_maps", {})
         fmap = cache.get(layout)
         if fmap is None or fmap.device != self.weight.device:
-            parts, base = [], 0
-            for group, positions in layout:
-                f = getattr(self, f"{group}_slot_field") + base
-                parts.append(f.repeat(positions) if positions is not None else f)
-                base += self.n_fields[group]
-            fmap = cache[layout] = torch.cat(parts)
+            # a normal tensor even when first asked for under inference mode (predict_proba): the
+            # cached map is later saved for backward by training steps
+            with torch.inference_mode(False):
+                parts, base = [], 0
+                for group, positions in layout:
+                    f = getattr(self, f"{group}_slot_field") + base
+                    parts.append(f.repeat(positions) if positions is not None else f)
+                    base += self.n_fields[group]
+                fmap = cache[layout] = torch.cat(parts)
         return fmap
 
 
